@@ -1,0 +1,16 @@
+"""dlpipe's built-in plugins.
+
+Each module here is an ordinary plugin: it implements hooks from
+:mod:`dlpipe.hookspecs` with ``@hookimpl`` exactly as a third-party package would, and
+keeps TensorFlow out of its imports by registering ``"module:function"`` strings.
+"""
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "dlpipe.builtin.data",
+    "dlpipe.builtin.augment",
+    "dlpipe.builtin.training",
+    "dlpipe.builtin.evaluation",
+    "dlpipe.builtin.strategies",
+    "dlpipe.builtin.tracking",
+    "dlpipe.builtin.vae",
+)

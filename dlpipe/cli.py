@@ -1,0 +1,234 @@
+"""The ``dlpipe`` command line.
+
+Only ``dlpipe run`` imports TensorFlow, and only once the spec has validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dlpipe import __version__, paths
+from dlpipe.errors import DlpipeError
+
+EPILOG = """examples:
+  dlpipe run pipelines/vae.yaml                      train, evaluate and track a VAE
+  dlpipe run pipelines/vae.yaml --set train.epochs=3 override any value by dotted path
+  dlpipe validate pipelines/vae.yaml                 check a spec without running it
+  dlpipe plugins                                     list plugins, stages and models
+  dlpipe schema > dlpipe.schema.json                 JSON Schema for editors
+  dlpipe ui                                          browse runs in the MLflow UI
+
+Runs are tracked in sqlite:///mlruns/mlflow.db unless MLFLOW_TRACKING_URI or the
+spec's tracking.uri says otherwise.
+"""
+
+
+def _add_plugin_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugins-dir",
+        action="append",
+        metavar="DIR",
+        help="load every .py file in DIR as a plugin (repeatable; default: ./plugins)",
+    )
+
+
+def _add_spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="pipeline spec (YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a value by dotted path, e.g. train.epochs=3 or "
+        "train.optimizer.learning_rate=1e-3 (repeatable; the value is read as YAML)",
+    )
+    _add_plugin_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlpipe",
+        description="Declarative deep-learning pipelines: YAML specs, plugins, "
+        "Keras on TensorFlow, MLflow tracking.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dlpipe {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks for errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a pipeline", description="Validate, then run every stage of a pipeline and track it in MLflow.")
+    _add_spec_options(p)
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
+    p = sub.add_parser("validate", help="check a spec without running it", description="Check a spec: structure, every use: resolves, every plugin's params validate. Does not import TensorFlow.")
+    _add_spec_options(p)
+
+    p = sub.add_parser("plugins", help="list plugins and what they register")
+    _add_plugin_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("schema", help="print the JSON Schema of pipeline specs")
+    _add_plugin_options(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--tracking-uri", help="store to show (default: as for dlpipe run)")
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Read the spec, load plugins (its own included), validate. No TensorFlow."""
+    from dlpipe.plugins import load_plugins
+    from dlpipe.spec import apply_overrides, read_spec_file, spec_plugins, validate
+
+    doc = read_spec_file(args.spec)
+    apply_overrides(doc, args.overrides)
+    host = load_plugins(
+        plugin_dirs=args.plugins_dir,
+        spec_plugins=spec_plugins(doc),
+        spec_dir=Path(args.spec).resolve().parent,
+    )
+    return validate(doc, host.registry, args.overrides), host
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec, host = _load(args)
+    print(f"{args.spec}: valid ({len(spec.stages)} stages, strategy {spec.strategy_name})")
+    for stage in spec.stages:
+        print(f"  {stage.id:<12} {stage.kind}/{stage.use}  [{stage.plugin}]")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec, host = _load(args)
+    if args.no_track:
+        spec.model.tracking.enabled = False
+    from dlpipe.engine import run_pipeline
+
+    print(f"dlpipe: running {spec.name} ({len(spec.stages)} stages) from {args.spec}")
+    ctx = run_pipeline(spec, host)
+    print(f"dlpipe: done; outputs in {ctx.run_dir}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from dlpipe.plugins import load_plugins
+
+    host = load_plugins(plugin_dirs=args.plugins_dir)
+    reg = host.registry
+    rows = []
+    for info in host.plugins:
+        stages = sorted(
+            f"{kind}/{name}" for kind, table in reg.stages.items()
+            for name, e in table.items() if e.plugin == info.name
+        )
+        models = sorted(n for n, e in reg.models.items() if e.plugin == info.name)
+        strategies = sorted(n for n, e in reg.strategies.items() if e.plugin == info.name)
+        rows.append(
+            {
+                "name": info.name,
+                "version": info.version,
+                "source": info.source,
+                "origin": info.origin,
+                "hooks": info.hooks,
+                "stages": stages,
+                "models": models,
+                "strategies": strategies,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        version = f" {row['version']}" if row["version"] else ""
+        print(f"{row['name']}{version}  [{row['source']}: {row['origin']}]")
+        print(f"  hooks:      {', '.join(row['hooks'])}")
+        for key in ("stages", "models", "strategies"):
+            if row[key]:
+                print(f"  {key + ':':<11} {', '.join(row[key])}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dlpipe.plugins import load_plugins
+    from dlpipe.schema import spec_json_schema
+
+    text = json.dumps(spec_json_schema(load_plugins(plugin_dirs=args.plugins_dir).registry), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--default-artifact-root", paths.default_artifact_root().resolve().as_uri(),
+        "--host", host,
+        "--port", str(port),
+    ]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    uri = args.tracking_uri or paths.default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    try:
+        return subprocess.call(ui_command(uri, args.host, args.port))
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "schema": cmd_schema,
+    "ui": cmd_ui,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("DLPIPE_DEBUG") == "1"
+    try:
+        return COMMANDS[args.command](args)
+    except DlpipeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the user asked for no tracebacks
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,72 @@
+"""The run context: what stages share while a pipeline runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dlpipe.data import DataBundle
+    from dlpipe.plugins import PluginHost
+    from dlpipe.spec import ResolvedSpec, ResolvedStage
+
+
+@dataclass
+class RunContext:
+    """State shared by the stages of one pipeline run.
+
+    Stages communicate through it: the data stage sets :attr:`data`, the model stage
+    :attr:`model`, the train stage :attr:`history`, and every stage may report
+    metrics and artifacts through :meth:`log_metrics` and :meth:`log_artifact`, which
+    call the ``on_metrics`` and ``on_artifact`` hooks.
+    """
+
+    spec: ResolvedSpec
+    plugins: PluginHost
+    run_dir: Path
+    strategy: Any = None
+    data: DataBundle | None = None
+    model: Any = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    stage: ResolvedStage | None = None
+    #: Free space for plugins; key it by your plugin's name.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hook(self) -> Any:
+        return self.plugins.hook
+
+    @property
+    def seed(self) -> int:
+        return self.spec.model.seed
+
+    def model_entry(self) -> Any:
+        """The registry entry of the architecture the model stage built, if any."""
+        stage = next((s for s in self.spec.stages if s.kind == "model"), None)
+        return self.plugins.registry.models.get(stage.use) if stage else None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        if step is None:
+            self.metrics.update(clean)
+        self.hook.on_metrics(context=self, stage=self.stage, metrics=clean, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str = "") -> None:
+        self.hook.on_artifact(
+            context=self, stage=self.stage, path=str(path), artifact_path=artifact_path
+        )
+
+    def log_figure(self, figure: Any, filename: str, artifact_path: str = "plots") -> Path:
+        """Save a matplotlib figure under the run folder as PNG, close it, log it."""
+        import matplotlib.pyplot as plt
+
+        out = self.run_dir / artifact_path / filename
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        self.log_artifact(out, artifact_path)
+        return out

@@ -1,0 +1,81 @@
+"""The data bundle that data stages produce and later stages consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataBundle:
+    """Arrays for each split plus what models need to know about them.
+
+    ``x[split]`` are float32 features (images are ``(n, height, width, channels)``),
+    ``y[split]`` integer labels or targets (or ``None``). :meth:`dataset` turns a
+    split into a batched ``tf.data`` pipeline; augmentation layers added by augment
+    stages run inside it, on the training split only.
+    """
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray | None]
+    task: str = "classification"  # classification | regression | unsupervised
+    num_classes: int | None = None
+    class_names: list[str] = field(default_factory=list)
+    value_range: tuple[float, float] = (0.0, 1.0)
+    name: str = "data"
+    augmenters: list[Any] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x["train"].shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    def size(self, split: str) -> int:
+        return 0 if split not in self.x else int(len(self.x[split]))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            **{f"{s}_size": self.size(s) for s in SPLITS},
+        }
+
+    def dataset(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: bool = False,
+        drop_remainder: bool = False,
+    ) -> Any:
+        """A cached, batched, prefetched ``tf.data.Dataset`` of ``(x, y)`` pairs
+        (``x`` alone when the split has no targets)."""
+        import tensorflow as tf
+
+        x = self.x[split]
+        y = self.y.get(split)
+        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        if augment and self.augmenters:
+            pipeline = list(self.augmenters)
+
+            def apply(*batch: Any) -> Any:
+                images = batch[0]
+                for layer in pipeline:
+                    images = layer(images, training=True)
+                return (images, *batch[1:]) if len(batch) > 1 else images
+
+            ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)

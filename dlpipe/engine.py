@@ -1,0 +1,81 @@
+"""Running a validated pipeline: strategy, stages in order, lifecycle hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from dlpipe import paths
+from dlpipe.context import RunContext
+from dlpipe.plugins import PluginHost
+from dlpipe.spec import ResolvedSpec, ResolvedStage
+
+log = logging.getLogger("dlpipe")
+
+
+def run_dir_for(spec: ResolvedSpec) -> Path:
+    """The run's folder: stable for a given spec, so a killed run resumes from it."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-") or "pipeline"
+    return paths.home() / "runs" / f"{slug}-{spec.digest()}"
+
+
+def configure_backend(seed: int) -> None:
+    """Quiet TensorFlow's start-up chatter and seed every generator."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def create_strategy(spec: ResolvedSpec, plugins: PluginHost) -> Any:
+    entry = plugins.registry.strategies[spec.strategy_name]
+    return entry.factory()(spec.strategy_params)
+
+
+def run_stage(ctx: RunContext, stage: ResolvedStage) -> None:
+    """Run one stage between its before/after hooks."""
+    entry = ctx.plugins.registry.lookup_stage(stage.kind, stage.use)
+    assert entry is not None, "validated specs only name registered stages"
+    ctx.stage = stage
+    ctx.hook.before_stage(context=ctx, stage=stage)
+    try:
+        entry.function()(ctx, stage.params)
+    except BaseException as exc:
+        ctx.hook.on_stage_error(context=ctx, stage=stage, error=exc)
+        raise
+    ctx.hook.after_stage(context=ctx, stage=stage)
+
+
+def run_pipeline(spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None = None) -> RunContext:
+    """Run every stage of ``spec``. Lifecycle hooks see the start, each stage, the end
+    and any error; the error is re-raised after ``on_run_error``."""
+    run_dir = run_dir or run_dir_for(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir)
+    started = False
+    try:
+        configure_backend(spec.model.seed)
+        ctx.strategy = create_strategy(spec, plugins)
+        ctx.hook.before_run(context=ctx)
+        started = True
+        for stage in spec.stages:
+            run_stage(ctx, stage)
+    except BaseException as exc:
+        if started:
+            _safe_on_run_error(ctx, exc)
+        raise
+    ctx.stage = None
+    ctx.hook.after_run(context=ctx)
+    return ctx
+
+
+def _safe_on_run_error(ctx: RunContext, exc: BaseException) -> None:
+    for impl in ctx.hook.on_run_error.get_hookimpls():
+        try:
+            impl.function(context=ctx, error=exc)
+        except Exception:  # an error handler must not mask the original error
+            log.exception("plugin %s failed in on_run_error", impl.plugin_name)

@@ -1,0 +1,721 @@
+"""Pipeline specs: loading YAML with positions, overrides, and validation.
+
+A spec is validated in full before anything heavy starts: its structure, that every
+``use:`` names a registered plugin, and every plugin's ``params`` against that
+plugin's schema. All problems are reported together, each with file, line, key path,
+what was expected, what was found and close matches.
+
+Dotted paths
+    ``--set`` overrides and the tune stage name values by dotted paths. The first part is
+    a top-level key (``seed``, ``tracking.uri``) or a stage name; the rest walks into
+    that stage's ``params``: ``train.epochs``, ``train.optimizer.learning_rate``,
+    ``model.latent_dim``. A stage's name defaults to its kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlpipe.errors import (
+    DlpipeError,
+    KeyPath,
+    Location,
+    Problem,
+    SpecError,
+    close_matches,
+    format_path,
+)
+from dlpipe.params import Params
+from dlpipe.plugins import Registry
+
+# --------------------------------------------------------------------------------------
+# YAML with positions
+# --------------------------------------------------------------------------------------
+
+_SAFE_TAGS = {
+    "tag:yaml.org,2002:" + t
+    for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary")
+}
+
+
+class YamlDocument:
+    """Plain data from a YAML file plus the location of every key path in it."""
+
+    def __init__(self, data: Any, positions: dict[KeyPath, Location], source: str) -> None:
+        self.data = data
+        self.positions = positions
+        self.source = source
+
+    def locate(self, path: KeyPath) -> Location | None:
+        """The location of ``path``, or of its nearest ancestor that has one."""
+        path = tuple(path)
+        while True:
+            if path in self.positions:
+                return self.positions[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+
+def load_yaml(text: str, source: str) -> YamlDocument:
+    """Parse YAML safely: only standard tags, no duplicate keys, positions recorded."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        loc = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
+        raise SpecError(source, [Problem((), f"invalid YAML: {exc.problem}", loc)]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(source, [Problem((), f"invalid YAML: {exc}", Location(source))]) from None
+    finally:
+        loader.dispose()
+    positions: dict[KeyPath, Location] = {}
+    problems: list[Problem] = []
+    if node is None:
+        raise SpecError(source, [Problem((), "the file is empty", Location(source, 1, 1))])
+
+    def loc(n: yaml.Node) -> Location:
+        return Location(source, n.start_mark.line + 1, n.start_mark.column + 1)
+
+    def build(n: yaml.Node, path: KeyPath) -> Any:
+        positions.setdefault(path, loc(n))
+        if n.tag not in _SAFE_TAGS:
+            problems.append(
+                Problem(
+                    path,
+                    f"the YAML tag {n.tag!r} is not allowed",
+                    loc(n),
+                    expected="plain YAML values (only safe loading is supported)",
+                )
+            )
+            return None
+        if isinstance(n, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in n.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    problems.append(Problem(path, "YAML merge keys ('<<') are not supported", loc(key_node)))
+                    continue
+                key = loader.construct_object(key_node) if key_node.tag in _SAFE_TAGS else None
+                if not isinstance(key, str):
+                    key = str(key)
+                child = (*path, key)
+                if key in out:
+                    first = positions.get(child)
+                    problems.append(
+                        Problem(
+                            child,
+                            f"duplicate key {key!r}"
+                            + (f" (first defined on line {first.line})" if first else ""),
+                            loc(key_node),
+                        )
+                    )
+                    continue
+                positions[child] = loc(key_node)
+                out[key] = build(value_node, child)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(item, (*path, i)) for i, item in enumerate(n.value)]
+        return loader.construct_object(n, deep=True)
+
+    data = build(node, ())
+    if problems:
+        raise SpecError(source, problems)
+    return YamlDocument(data, positions, source)
+
+
+def read_spec_file(path: str | Path) -> YamlDocument:
+    p = Path(path)
+    if not p.is_file():
+        hint = ""
+        parent = p.parent if str(p.parent) else Path(".")
+        if parent.is_dir():
+            names = [c.name for c in parent.glob("*.y*ml")]
+            matches = close_matches(p.name, names)
+            if matches:
+                hint = f"; did you mean {', '.join(str(parent / m) for m in matches)}?"
+            elif names:
+                hint = f"; specs in {parent}: {', '.join(sorted(names))}"
+        raise DlpipeError(f"spec file {str(path)!r} does not exist{hint}")
+    return load_yaml(p.read_text(encoding="utf-8"), str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Structure of a spec
+# --------------------------------------------------------------------------------------
+
+TOP_LEVEL_KEYS = ("name", "experiment", "seed", "strategy", "tracking", "plugins", "stages")
+
+
+class TrackingSpec(BaseModel):
+    """Where and how the run is tracked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlruns/mlflow.db.",
+    )
+    artifact_location: str | None = Field(
+        None, description="Artifact root for new experiments. Default: mlruns/artifacts."
+    )
+    run_name: str | None = Field(None, description="MLflow run name. Default: the spec's name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
+    log_model: bool = Field(True, description="Log the trained model as an artifact.")
+    mlflow_flavor: bool = Field(
+        False, description="Also log the model with the MLflow Keras flavour (slower)."
+    )
+
+
+class StrategySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use: str = "auto"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageSpec(BaseModel):
+    """One stage: its kind, the plugin implementing it, and that plugin's params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="data, augment, model, train, evaluate, tune, ...")
+    use: str = Field(description="The registered implementation (for model: the architecture).")
+    name: str | None = Field(
+        None, description="Name used in dotted paths (--set NAME.param=...). Default: the kind."
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.name or self.kind
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Pipeline name; also the default MLflow run name.")
+    experiment: str | None = Field(None, description="MLflow experiment. Default: the name.")
+    seed: int = Field(0, description="Global seed for Python, NumPy and the backend.")
+    strategy: str | StrategySpec = Field(
+        "auto", description="Distribution strategy: auto, cpu, one_device, mirrored, ..."
+    )
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    plugins: list[str] = Field(
+        default_factory=list, description="Extra plugins: module names or .py paths."
+    )
+    stages: list[StageSpec] = Field(min_length=1)
+
+
+@dataclass
+class ResolvedStage:
+    """A validated stage, with its parameters parsed by its plugin's schema."""
+
+    spec: StageSpec
+    params: Params
+    plugin: str
+    index: int
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def use(self) -> str:
+        return self.spec.use
+
+
+@dataclass
+class ResolvedSpec:
+    """A spec that passed validation."""
+
+    source: str
+    raw: dict[str, Any]  # after overrides, as plain data
+    model: SpecModel
+    stages: list[ResolvedStage]
+    strategy_name: str
+    strategy_params: Params
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def experiment(self) -> str:
+        return self.model.experiment or self.model.name
+
+    def stage(self, stage_id: str) -> ResolvedStage | None:
+        return next((s for s in self.stages if s.id == stage_id), None)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The full spec with every default filled in, as plain data."""
+        out = self.model.model_dump(mode="json", exclude={"stages", "strategy"})
+        out["strategy"] = {
+            "use": self.strategy_name,
+            "params": self.strategy_params.model_dump(mode="json"),
+        }
+        out["stages"] = [
+            {
+                "kind": s.kind,
+                "use": s.use,
+                "name": s.id,
+                "params": s.params.model_dump(mode="json"),
+            }
+            for s in self.stages
+        ]
+        return out
+
+    def digest(self) -> str:
+        """A short hash of what determines the training (tracking settings excluded)."""
+        d = self.resolved_dict()
+        d.pop("tracking", None)
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted.path, value)`` leaves; stages are addressed by their name."""
+    if isinstance(data, Mapping):
+        if not data and prefix:
+            yield prefix, {}
+        for k, v in data.items():
+            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list) and data and all(isinstance(v, Mapping) for v in data):
+        for i, v in enumerate(data):
+            yield from flatten(v, f"{prefix}.{i}")
+    else:
+        yield prefix, data
+
+
+def flatten_params(resolved: ResolvedSpec) -> dict[str, Any]:
+    """The resolved spec as ``{dotted.path: value}``, in the ``--set`` path syntax."""
+    full = resolved.resolved_dict()
+    out: dict[str, Any] = {}
+    for key in ("name", "experiment", "seed"):
+        out[key] = full[key]
+    out["strategy"] = full["strategy"]["use"]
+    for k, v in flatten(full["strategy"]["params"], "strategy"):
+        out[k] = v
+    for stage in full["stages"]:
+        out[f"{stage['name']}.use"] = stage["use"]
+        for k, v in flatten(stage["params"], stage["name"]):
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Overrides: --set path=value
+# --------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` → ``("train.epochs", 3)``; the value is read as YAML."""
+    if "=" not in text:
+        raise DlpipeError(
+            f"--set {text!r}: expected PATH=VALUE, for example --set train.epochs=3"
+        )
+    path, _, value_text = text.partition("=")
+    path = path.strip()
+    if not path or any(not part for part in path.split(".")):
+        raise DlpipeError(f"--set {text!r}: {path!r} is not a dotted path like train.epochs")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise DlpipeError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def stage_ids(data: Mapping[str, Any]) -> list[str]:
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return []
+    ids = []
+    for s in stages:
+        if isinstance(s, Mapping):
+            ids.append(str(s.get("name") or s.get("kind")))
+    return ids
+
+
+def resolve_path(data: Mapping[str, Any], dotted: str) -> KeyPath:
+    """Map a dotted path to a key path in the raw spec.
+
+    ``train.optimizer.learning_rate`` → ``("stages", 2, "params", "optimizer",
+    "learning_rate")``. Raises :class:`DlpipeError` naming close matches.
+    """
+    head, *rest = dotted.split(".")
+    if head in TOP_LEVEL_KEYS and head != "stages":
+        if head == "strategy" and rest:
+            return ("strategy", "params", *rest)
+        return (head, *rest)
+    ids = stage_ids(data)
+    if head in ids:
+        if not rest:
+            raise DlpipeError(
+                f"path {dotted!r} names stage {head!r} but no parameter; "
+                f"use for example {head}.<param>=VALUE"
+            )
+        index = ids.index(head)
+        if rest == ["use"]:
+            return ("stages", index, "use")
+        return ("stages", index, "params", *rest)
+    choices = [k for k in TOP_LEVEL_KEYS if k != "stages"] + ids
+    matches = close_matches(head, choices)
+    hint = f"; did you mean {', '.join(matches)}?" if matches else ""
+    raise DlpipeError(
+        f"path {dotted!r}: {head!r} is neither a top-level key nor a stage name{hint}\n"
+        f"    available: {', '.join(choices)}"
+    )
+
+
+def set_path(data: Any, path: KeyPath, value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part]
+        else:
+            raise DlpipeError(f"cannot set {format_path(path)}: {format_path(path[:-1])} is not a mapping")
+        if node is None:
+            raise DlpipeError(f"cannot set {format_path(path)}: a parent is empty")
+    last = path[-1]
+    if isinstance(node, dict):
+        if not isinstance(last, str):
+            raise DlpipeError(f"cannot set {format_path(path)}")
+        node[last] = value
+    elif isinstance(node, list) and isinstance(last, int):
+        node[last] = value
+    else:
+        raise DlpipeError(
+            f"cannot set {format_path(path)}: {format_path(path[:-1])} is not a mapping"
+        )
+
+
+def get_path(data: Any, path: KeyPath) -> Any:
+    node = data
+    for part in path:
+        node = node[part]
+    return node
+
+
+def apply_overrides(doc: YamlDocument, overrides: Sequence[str]) -> None:
+    """Apply ``--set`` overrides in place; their values are located on the command line."""
+    if not isinstance(doc.data, dict):
+        return
+    for text in overrides:
+        dotted, value = parse_override(text)
+        path = resolve_path(doc.data, dotted)
+        set_path(doc.data, path, value)
+        doc.positions[path] = Location(f"--set {text}")
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _expected_from_error(err: Mapping[str, Any]) -> str | None:
+    etype = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    simple = {
+        "int_parsing": "an integer",
+        "int_type": "an integer",
+        "int_from_float": "an integer",
+        "float_parsing": "a number",
+        "float_type": "a number",
+        "bool_parsing": "true or false",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "dict_type": "a mapping",
+        "list_type": "a list",
+        "model_type": "a mapping",
+        "missing": "a value (this key is required)",
+    }
+    if etype in simple:
+        return simple[etype]
+    if etype in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}[etype]
+        bound = next(iter(ctx.values()), "?")
+        return f"a number {op} {bound}"
+    if etype == "literal_error":
+        return f"one of {ctx.get('expected', '?')}"
+    if etype == "enum":
+        return f"one of {ctx.get('expected', '?')}"
+    return None
+
+
+def pydantic_problems(
+    exc: ValidationError,
+    model: type[BaseModel],
+    base: KeyPath,
+    doc: YamlDocument,
+    label: str | None = None,
+) -> list[Problem]:
+    """Translate a pydantic error into located problems with suggestions."""
+    problems: list[Problem] = []
+    seen: set[tuple[KeyPath, str]] = set()
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"function-after", "function-before"})))
+        path = (*base, *loc)
+        etype = err["type"]
+        shown = _dotted_label(label, path)
+        key = (path, etype)
+        if key in seen:
+            continue
+        seen.add(key)
+        if etype == "extra_forbidden":
+            name = str(loc[-1])
+            fields = _fields_at(model, loc[:-1])
+            problems.append(
+                Problem(
+                    path,
+                    f"unknown key {name!r}",
+                    doc.locate(path),
+                    suggestions=close_matches(name, fields),
+                    available=fields,
+                    label=shown,
+                )
+            )
+            continue
+        problems.append(
+            Problem(
+                path,
+                err["msg"],
+                doc.locate(path),
+                expected=_expected_from_error(err),
+                got=None if etype == "missing" else _describe(err.get("input")),
+                label=shown,
+            )
+        )
+    return problems
+
+
+def _dotted_label(label: str | None, path: KeyPath) -> str | None:
+    """``train.optimizer.learning_rate`` for a stage param: the --set / tune path."""
+    if label and len(path) > 3 and path[0] == "stages" and path[2] == "params":
+        return ".".join([label, *(str(p) for p in path[3:])])
+    return label
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Field names of the (nested) model at ``loc``, for suggestions."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        f = current.model_fields.get(str(part))
+        if f is None:
+            return []
+        current = _model_in(f.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = ()) -> ResolvedSpec:
+    """Validate a loaded spec against the registry; raise :class:`SpecError` listing
+    every problem."""
+    source = doc.source
+    data = doc.data
+    if not isinstance(data, dict):
+        raise SpecError(
+            source,
+            [Problem((), "a pipeline spec must be a mapping", doc.locate(()),
+                     expected=f"a mapping with keys {', '.join(TOP_LEVEL_KEYS)}",
+                     got=_describe(data))],
+        )
+    problems: list[Problem] = []
+    raw_stages = data.get("stages")
+    top_data = {k: v for k, v in data.items() if k != "stages"}
+    top: SpecModel | None = None
+    try:
+        top = SpecModel.model_validate({**top_data, "stages": [{"kind": "-", "use": "-"}]})
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(exc, SpecModel, (), doc))
+    if not isinstance(raw_stages, list) or not raw_stages:
+        problems.append(
+            Problem(("stages",), "the spec needs a non-empty list of stages",
+                    doc.locate(("stages",)),
+                    expected="a list of {kind, use, params} mappings",
+                    got="nothing" if raw_stages is None else _describe(raw_stages))
+        )
+        raw_stages = []
+
+    seen_ids: dict[str, int] = {}
+    stage_specs: list[StageSpec] = []
+    stages: list[ResolvedStage] = []
+    for index, raw_stage in enumerate(raw_stages):
+        base: KeyPath = ("stages", index)
+        try:
+            stage = StageSpec.model_validate(raw_stage)
+        except ValidationError as exc:
+            label = raw_stage.get("name") or raw_stage.get("kind") if isinstance(raw_stage, dict) else None
+            problems.extend(pydantic_problems(exc, StageSpec, base, doc, label and str(label)))
+            continue
+        stage_specs.append(stage)
+        label = stage.id
+        if stage.id in TOP_LEVEL_KEYS:
+            problems.append(Problem((*base, "name"), f"stage name {stage.id!r} clashes with a top-level key", doc.locate((*base, "name")), expected="another name", label=label))
+        if stage.id in seen_ids:
+            problems.append(
+                Problem(
+                    (*base, "name") if stage.name else (*base, "kind"),
+                    f"two stages are called {stage.id!r} (stages[{seen_ids[stage.id]}] too)",
+                    doc.locate((*base, "name") if stage.name else base),
+                    expected="unique stage names; add 'name:' to one of them",
+                    label=label,
+                )
+            )
+        seen_ids.setdefault(stage.id, index)
+        if stage.kind not in registry.kinds:
+            problems.append(
+                Problem(
+                    (*base, "kind"),
+                    f"unknown stage kind {stage.kind!r}",
+                    doc.locate((*base, "kind")),
+                    suggestions=close_matches(stage.kind, registry.kinds),
+                    available=registry.kinds,
+                    label=label,
+                )
+            )
+            continue
+        entry = registry.lookup_stage(stage.kind, stage.use)
+        if entry is None:
+            names = registry.stage_names(stage.kind)
+            what = "architecture" if stage.kind == "model" else f"{stage.kind} stage"
+            problems.append(
+                Problem(
+                    (*base, "use"),
+                    f"unknown {what} {stage.use!r}",
+                    doc.locate((*base, "use")),
+                    suggestions=close_matches(stage.use, names),
+                    available=names,
+                    label=label,
+                )
+            )
+            continue
+        try:
+            params = entry.params.model_validate(stage.params)
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(exc, entry.params, (*base, "params"), doc, label))
+            continue
+        stages.append(ResolvedStage(stage, params, entry.plugin, index))
+
+    if top is None:
+        raise SpecError(source, problems)
+    model = top.model_copy(update={"stages": stage_specs})
+    strategy = model.strategy if isinstance(model.strategy, StrategySpec) else StrategySpec(use=model.strategy)
+    strategy_params: Params | None = None
+    s_entry = registry.strategies.get(strategy.use)
+    s_path: KeyPath = ("strategy", "use") if isinstance(model.strategy, StrategySpec) else ("strategy",)
+    if s_entry is None:
+        names = sorted(registry.strategies)
+        problems.append(
+            Problem(s_path, f"unknown strategy {strategy.use!r}", doc.locate(s_path),
+                    suggestions=close_matches(strategy.use, names), available=names)
+        )
+    else:
+        try:
+            strategy_params = s_entry.params.model_validate(strategy.params)
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(exc, s_entry.params, ("strategy", "params"), doc))
+
+    problems.extend(_cross_stage_problems(stages, registry, doc))
+    if problems:
+        raise SpecError(source, problems)
+    assert strategy_params is not None
+    return ResolvedSpec(
+        source=source,
+        raw=data,
+        model=model,
+        stages=stages,
+        strategy_name=strategy.use,
+        strategy_params=strategy_params,
+        overrides=list(overrides),
+    )
+
+
+def _cross_stage_problems(
+    stages: list[ResolvedStage], registry: Registry, doc: YamlDocument
+) -> list[Problem]:
+    """Checks that need more than one stage: loss-weight names against the model."""
+    problems: list[Problem] = []
+    model_stage = next((s for s in stages if s.kind == "model"), None)
+    model_entry = registry.models.get(model_stage.use) if model_stage else None
+    for stage in stages:
+        weights = getattr(stage.params, "loss_weights", None)
+        if not weights or model_entry is None or not model_entry.loss_terms:
+            continue
+        for term in weights:
+            if term not in model_entry.loss_terms:
+                path: KeyPath = ("stages", stage.index, "params", "loss_weights", term)
+                problems.append(
+                    Problem(
+                        path,
+                        f"model {model_entry.name!r} has no loss term {term!r}",
+                        doc.locate(path),
+                        suggestions=close_matches(term, model_entry.loss_terms),
+                        available=list(model_entry.loss_terms),
+                        label=stage.id,
+                    )
+                )
+    return problems
+
+
+def load_spec(
+    path: str | Path, registry: Registry, overrides: Sequence[str] = ()
+) -> ResolvedSpec:
+    doc = read_spec_file(path)
+    apply_overrides(doc, overrides)
+    return validate(doc, registry, overrides)
+
+
+def spec_plugins(doc: YamlDocument) -> list[str]:
+    """The spec's ``plugins:`` list, read before validation (plugins add stages)."""
+    data = doc.data
+    if not isinstance(data, dict):
+        return []
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise SpecError(
+            doc.source,
+            [Problem(("plugins",), "plugins must be a list of module names or .py paths",
+                     doc.locate(("plugins",)), expected="a list of strings",
+                     got=_describe(plugins))],
+        )
+    return plugins

@@ -1,0 +1,241 @@
+"""The training stage: ``model.fit`` driven by the spec.
+
+Per-epoch metrics go to the ``on_metrics`` hook (MLflow logs them); nothing runs per
+batch except Keras itself.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import keras
+import numpy as np
+
+from dlpipe.errors import DlpipeError, TrainingDiverged
+
+_OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
+    "adagrad": keras.optimizers.Adagrad,
+    "nadam": keras.optimizers.Nadam,
+}
+
+
+class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to the peak rate, then hand over to another schedule."""
+
+    def __init__(self, peak: float, warmup_steps: int, after: Any) -> None:
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+        self.after = after
+
+    def __call__(self, step: Any) -> Any:
+        step = keras.ops.cast(step, "float32")
+        warm = self.peak * (step + 1.0) / float(max(self.warmup_steps, 1))
+        rest = self.after(step - self.warmup_steps) if callable(self.after) else self.after
+        return keras.ops.where(step < self.warmup_steps, warm, rest)
+
+    def get_config(self) -> dict[str, Any]:
+        after = self.after
+        if isinstance(after, keras.optimizers.schedules.LearningRateSchedule):
+            after = keras.optimizers.schedules.serialize(after)
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "after": after}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WarmUp:
+        after = config["after"]
+        if isinstance(after, dict):
+            after = keras.optimizers.schedules.deserialize(after)
+        return cls(config["peak"], config["warmup_steps"], after)
+
+
+def learning_rate(opt: Any, steps_per_epoch: int, epochs: int) -> Any:
+    """A float or a ``LearningRateSchedule`` from ``optimizer.schedule``."""
+    lr = opt.learning_rate
+    sched = opt.schedule
+    if sched is None or (sched.name == "constant" and not sched.warmup_epochs):
+        return lr
+    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    total = max(epochs * steps_per_epoch - warmup, 1)
+    period = max(int(round(sched.decay_epochs * steps_per_epoch)), 1)
+    schedules = keras.optimizers.schedules
+    after: Any
+    if sched.name == "cosine":
+        after = schedules.CosineDecay(lr, decay_steps=total, alpha=sched.alpha)
+    elif sched.name == "exponential":
+        after = schedules.ExponentialDecay(lr, period, sched.decay_rate)
+    elif sched.name == "step":
+        after = schedules.ExponentialDecay(lr, period, sched.decay_rate, staircase=True)
+    else:
+        after = lr
+    return WarmUp(lr, warmup, after) if warmup else after
+
+
+def make_optimizer(opt: Any, steps_per_epoch: int, epochs: int) -> Any:
+    kwargs: dict[str, Any] = {"learning_rate": learning_rate(opt, steps_per_epoch, epochs)}
+    for key in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay"):
+        value = getattr(opt, key)
+        if value is not None:
+            kwargs[key] = value
+    if opt.name in ("sgd", "rmsprop") and opt.momentum is not None:
+        kwargs["momentum"] = opt.momentum
+    if opt.name == "sgd":
+        kwargs["nesterov"] = opt.nesterov
+    return _OPTIMIZERS[opt.name](**kwargs)
+
+
+def current_learning_rate(optimizer: Any) -> float:
+    lr = optimizer.learning_rate
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+class ReportEpochs(keras.callbacks.Callback):
+    """Send each epoch's logs (plus learning rate and epoch time) to ``on_metrics``."""
+
+    def __init__(self, ctx: Any, initial_epoch_history: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.history = initial_epoch_history
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        metrics = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+        metrics["epoch_time_s"] = time.perf_counter() - self._t0
+        try:
+            metrics["learning_rate"] = current_learning_rate(self.model.optimizer)
+        except Exception:  # noqa: BLE001 - some optimizers hide their rate
+            pass
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append(v)
+        self.ctx.log_metrics(metrics, step=epoch)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stop when any logged loss (``loss``, ``d_loss``, ``val_kl_loss``...) is not finite.
+
+    ``keras.callbacks.TerminateOnNaN`` only watches ``loss``; models with several
+    losses report others. Checked once per epoch, off the per-batch hot path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: tuple[int, str, float] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        for key, value in (logs or {}).items():
+            if "loss" in key and np.ndim(value) == 0 and not math.isfinite(float(value)):
+                self.bad = (epoch, key, float(value))
+                self.model.stop_training = True
+                return
+
+
+def default_loss(task: str) -> tuple[str | None, list[str]]:
+    if task == "classification":
+        return "sparse_categorical_crossentropy", ["accuracy"]
+    if task == "regression":
+        return "mse", ["mae"]
+    return None, []
+
+
+def keras_fit(ctx: Any, params: Any) -> None:
+    model, data = ctx.model, ctx.data
+    if model is None or data is None:
+        raise DlpipeError(
+            f"stage {ctx.stage.id!r}: training needs a data stage and a model stage before it"
+        )
+    entry = ctx.model_entry()
+    task = entry.task if entry else data.task
+    n_train = data.size("train")
+    steps_per_epoch = max(math.ceil(n_train / params.batch_size), 1)
+    has_val = data.size("val") > 0
+
+    own_loss = bool(getattr(model, "term_weights", None))
+    loss, metrics = (None, []) if own_loss else default_loss(task)
+    loss = params.loss or loss
+    metrics = params.metrics if params.metrics is not None else metrics
+    if loss is None and not own_loss:
+        raise DlpipeError(
+            f"stage {ctx.stage.id!r}: the model computes no loss of its own and none is set; "
+            "add params.loss (for example sparse_categorical_crossentropy or mse)"
+        )
+    with ctx.strategy.scope():
+        optimizer = make_optimizer(params.optimizer, steps_per_epoch, params.epochs)
+        model.compile(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics or None,
+            jit_compile=params.jit_compile,
+            steps_per_execution=params.steps_per_execution,
+        )
+    for term, weight in params.loss_weights.items():
+        model.term_weights[term].assign(weight)
+
+    run_dir = ctx.run_dir
+    history: dict[str, list[float]] = {}
+    guard = NanGuard()
+    callbacks: list[Any] = [ReportEpochs(ctx, history)]
+    if params.nan_guard:
+        callbacks.append(guard)
+    monitor_ok = has_val or not params.checkpoint.monitor.startswith("val_")
+    if params.checkpoint.enabled:
+        monitor = params.checkpoint.monitor if monitor_ok else params.checkpoint.monitor[4:]
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                str(run_dir / "checkpoints" / "best.weights.h5"),
+                monitor=monitor,
+                mode=params.checkpoint.mode,
+                save_best_only=params.checkpoint.save_best_only,
+                save_weights_only=True,
+            )
+        )
+    if params.early_stopping is not None:
+        es = params.early_stopping
+        monitor = es.monitor if (has_val or not es.monitor.startswith("val_")) else es.monitor[4:]
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                mode=es.mode,
+                patience=es.patience,
+                min_delta=es.min_delta,
+                restore_best_weights=es.restore_best_weights,
+            )
+        )
+    if params.resume:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
+
+    verbose = params.verbose
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    train_ds = data.dataset(
+        "train", params.batch_size, shuffle=params.shuffle, seed=ctx.seed, augment=True
+    )
+    val_ds = data.dataset("val", params.batch_size) if has_val else None
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=params.epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    ctx.history = history
+    if guard.bad is not None:
+        epoch, key, value = guard.bad
+        raise TrainingDiverged(
+            f"stage {ctx.stage.id!r}: {key} became {value} in epoch {epoch + 1}; training "
+            f"stopped. Checkpoints so far are kept in {run_dir / 'checkpoints'}. "
+            "Try a lower learning rate or gradient clipping (optimizer.clipnorm)."
+        )
+    model_dir = run_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "model.keras"
+    model.save(path)
+    ctx.log_artifact(path, "model")
