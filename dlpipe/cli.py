@@ -190,7 +190,7 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    uri = args.tracking_uri or paths.default_tracking_uri()
+    uri = paths.absolute_sqlite(args.tracking_uri) if args.tracking_uri else paths.default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)

@@ -17,8 +17,20 @@ def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else SQLite under the output root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
-    return f"sqlite:///{(home() / 'mlflow.db').as_posix()}"
+        return absolute_sqlite(uri)
+    return f"sqlite:///{(home() / 'mlflow.db').resolve().as_posix()}"
+
+
+def absolute_sqlite(uri: str) -> str:
+    """Make a relative ``sqlite:///path`` absolute.
+
+    MLflow caches one database engine per URI string, so a relative path would keep
+    pointing at the first working directory it was used from.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + Path(uri[len(prefix):]).resolve().as_posix()
+    return uri
 
 
 def default_artifact_root() -> Path:

@@ -21,7 +21,7 @@ def learning_curves_figure(history: Mapping[str, Sequence[float]]) -> Any:
     cols = min(len(names), 3) or 1
     rows = max(1, -(-len(names) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         epochs = np.arange(1, len(history[name]) + 1)
         ax.plot(epochs, history[name], marker="o", ms=3, label="train")
         if f"val_{name}" in history:

@@ -436,8 +436,8 @@ def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:
     }
     for hook_name, make_registrar in registrars.items():
         caller = getattr(pm.hook, hook_name)
-        # pluggy calls the last-registered first; register in load order instead.
-        for impl in reversed(caller.get_hookimpls()):
+        # get_hookimpls() lists implementations in load order (pluggy calls them LIFO).
+        for impl in caller.get_hookimpls():
             try:
                 impl.function(register=make_registrar(impl.plugin_name))
             except PluginError:

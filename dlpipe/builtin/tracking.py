@@ -28,7 +28,7 @@ class Tracker:
 
         self.mlflow = mlflow
         settings = context.spec.model.tracking
-        self.uri = settings.uri or paths.default_tracking_uri()
+        self.uri = paths.absolute_sqlite(settings.uri) if settings.uri else paths.default_tracking_uri()
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)

@@ -225,6 +225,7 @@ def keras_fit(ctx: Any, params: Any) -> None:
         epochs=params.epochs,
         callbacks=callbacks,
         verbose=verbose,
+        shuffle=False,  # tf.data already shuffles (seeded) before batching
     )
     ctx.history = history
     if guard.bad is not None:

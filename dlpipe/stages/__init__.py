@@ -1,0 +1,1 @@
+"""Implementations of the built-in stages (these modules may import TensorFlow)."""

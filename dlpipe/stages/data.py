@@ -1,0 +1,396 @@
+"""Data stages: load arrays, split them with a seed, resize and normalize images.
+
+Every stage here ends in :func:`_finish`, which applies the options shared by all
+data stages (``limit``, ``image_size``, the seeded train/val/test split and the
+normalization fitted on the training split) and sets ``ctx.data``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.data import SPLITS, DataBundle
+from dlpipe.errors import DlpipeError, close_matches
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]
+
+Splits = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def sklearn_digits(ctx: Any, params: Any) -> None:
+    """scikit-learn's bundled 8x8 digits as ``(n, 8, 8, 1)`` images with values 0..16."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[..., np.newaxis]
+    y = digits.target.astype(np.int32)
+    _finish(ctx, params, "sklearn_digits", x, y, "classification", [str(i) for i in range(10)])
+
+
+def sklearn_iris(ctx: Any, params: Any) -> None:
+    """scikit-learn's bundled iris table: ``(150, 4)`` features, 3 classes."""
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    x = iris.data.astype(np.float32)
+    y = iris.target.astype(np.int32)
+    _finish(ctx, params, "sklearn_iris", x, y, "classification", [str(n) for n in iris.target_names])
+
+
+def npz(ctx: Any, params: Any) -> None:
+    """Arrays from a local ``.npz`` file (path relative to the working directory)."""
+    path = Path(params.path)
+    if not path.is_file():
+        raise DlpipeError(_missing_file_message(path))
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:  # a broken zip, a pickled array, not an npz at all
+        raise DlpipeError(f"could not read {path} as a .npz file: {exc}") from exc
+
+    task = params.task
+    x = _npz_array(path, arrays, params.x_key, "x_key")
+    y: np.ndarray | None = None
+    if task != "unsupervised":
+        if params.y_key is None:
+            raise DlpipeError(
+                f"{path}: task '{task}' needs labels, but y_key is null; "
+                "name the label array with y_key or set task: unsupervised"
+            )
+        y = _npz_array(path, arrays, params.y_key, "y_key")
+
+    x = _features(path, x)
+    class_names: list[str] = []
+    if y is not None:
+        if len(y) != len(x):
+            raise DlpipeError(
+                f"{path}: '{params.x_key}' has {len(x)} examples but "
+                f"'{params.y_key}' has {len(y)}"
+            )
+        if task == "classification":
+            y = _class_labels(path, params.y_key, y)
+            class_names = [str(i) for i in range(int(y.max()) + 1)] if len(y) else []
+        else:
+            y = y.astype(np.float32)
+    _finish(ctx, params, path.stem, x, y, task, class_names)
+
+
+def image_directory(ctx: Any, params: Any) -> None:
+    """A folder with one sub-folder of images per class (``path/<class>/<image>.png``)."""
+    root = Path(params.path)
+    layout = f"expected one sub-folder of images per class: {root}/<class>/<image>.png"
+    if not root.is_dir():
+        raise DlpipeError(f"image folder not found: {root} ({_cwd_note(root)}); {layout}")
+
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files_by_class = {d.name: _image_files(d) for d in class_dirs}
+    empty = [name for name, files in files_by_class.items() if not files]
+    files_by_class = {name: files for name, files in files_by_class.items() if files}
+    if not files_by_class:
+        loose = len(_image_files(root))
+        hint = f" (found {loose} image(s) directly in {root}, but none in class sub-folders)" if loose else ""
+        raise DlpipeError(f"no images found in {root}{hint}; {layout}")
+    if empty:
+        print(f"data: image_directory ignores empty class folder(s): {', '.join(empty)}")
+
+    mode = "L" if params.color_mode == "grayscale" else "RGB"
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, files in enumerate(files_by_class.values()):
+        for file in files:
+            images.append(_load_image(file, mode))
+            labels.append(label)
+    if params.image_size is not None:
+        images = _resize_each(images, params.image_size)
+    shapes = sorted({img.shape for img in images})
+    if len(shapes) > 1:
+        raise DlpipeError(
+            f"images in {root} have different sizes ({', '.join(map(str, shapes[:4]))}); "
+            "set image_size to resize them"
+        )
+    x = np.stack(images).astype(np.float32)
+    y = np.asarray(labels, dtype=np.int32)
+    # Images are already at image_size; don't resize them a second time.
+    _finish(ctx, params, root.name, x, y, "classification", list(files_by_class), resize=False)
+
+
+def keras_dataset(ctx: Any, params: Any) -> None:
+    """mnist, fashion_mnist or cifar10 from ``keras.datasets``.
+
+    The official train and test parts are joined (train first) and split again
+    with this stage's fractions and seed, like every other data stage.
+    """
+    import keras
+
+    name = params.dataset
+    try:
+        loader = getattr(keras.datasets, name).load_data
+        (x_train, y_train), (x_test, y_test) = loader()
+    except Exception as exc:  # offline: URL fetch failure, a partial download, ...
+        raise DlpipeError(
+            f"keras_dataset could not load '{name}': {exc}\n"
+            f"keras.datasets downloads '{name}' once (this needs network access) into the "
+            "Keras cache ~/.keras/datasets (or $KERAS_HOME/datasets) and reads it from there "
+            "afterwards. Run once with network access, or work offline with the "
+            "sklearn_digits or npz data stages."
+        ) from exc
+
+    x = np.concatenate([x_train, x_test]).astype(np.float32)
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    y = np.concatenate([np.ravel(y_train), np.ravel(y_test)]).astype(np.int32)
+    names = {"fashion_mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}
+    class_names = names.get(name, [str(i) for i in range(10)])
+    _finish(ctx, params, name, x, y, "classification", list(class_names))
+
+
+# ------------------------------------------------------------------ shared helpers
+
+
+def _finish(
+    ctx: Any,
+    params: Any,
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    task: str,
+    class_names: list[str],
+    *,
+    resize: bool = True,
+) -> DataBundle:
+    """Limit, resize, split, normalize; set ``ctx.data`` and report the result."""
+    if params.limit is not None:
+        x = x[: params.limit]
+        y = None if y is None else y[: params.limit]
+    image = x.ndim == 4
+    size = getattr(params, "image_size", None)
+    if size is not None and resize:
+        if not image:
+            raise DlpipeError(
+                f"{name}: image_size is set, but the data is not images (shape {x.shape[1:]})"
+            )
+        x = resize_images(x, size)
+
+    seed = params.seed if params.seed is not None else ctx.seed
+    stratify = params.stratify and task == "classification" and y is not None
+    xs, ys = split_arrays(x, y, params.val_fraction, params.test_fraction, seed, stratify)
+    xs, value_range = normalize(xs, params.normalize, tuple(params.value_range), image=image)
+
+    num_classes = len(class_names) if task == "classification" else None
+    bundle = DataBundle(
+        x=xs,
+        y=ys,
+        task=task,
+        num_classes=num_classes,
+        class_names=class_names,
+        value_range=value_range,
+        name=name,
+    )
+    ctx.data = bundle
+    ctx.extras["data"] = bundle.describe()
+    sizes = "/".join(str(bundle.size(s)) for s in SPLITS)
+    what = f"{num_classes} classes" if task == "classification" else task
+    print(f"data: {name} {sizes} train/val/test, shape {bundle.input_shape}, {what}")
+    return bundle
+
+
+def split_arrays(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    stratify: bool,
+) -> tuple[Splits, dict[str, np.ndarray | None]]:
+    """A seeded train/val/test split; a fraction of 0 gives an empty split."""
+    n = len(x)
+    index = np.arange(n)
+    labels = y if stratify else None
+
+    def cut(idx: np.ndarray, fraction: float, salt: int) -> tuple[np.ndarray, np.ndarray]:
+        if fraction <= 0:
+            return idx, idx[:0]
+        return _train_test_split(idx, fraction, seed + salt, None if labels is None else labels[idx])
+
+    rest, test = cut(index, test_fraction, 0)
+    # val_fraction is a share of all examples, not of what the test split left.
+    val_share = val_fraction / (1.0 - test_fraction) if val_fraction > 0 else 0.0
+    train, val = cut(rest, val_share, 1)
+    if len(train) == 0:
+        raise DlpipeError(
+            f"the training split is empty ({n} examples, val_fraction {val_fraction}, "
+            f"test_fraction {test_fraction}); use more data or smaller fractions"
+        )
+    parts = {"train": train, "val": val, "test": test}
+    xs = {s: x[idx] for s, idx in parts.items()}
+    ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
+    return xs, ys
+
+
+def _train_test_split(
+    idx: np.ndarray, fraction: float, seed: int, labels: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, taken = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as exc:
+        if labels is None:
+            raise DlpipeError(f"cannot split {len(idx)} examples: {exc}") from exc
+        # Too few examples of some class to stratify: fall back to a plain split.
+        print(f"data: cannot stratify ({exc}); splitting without stratification")
+        return _train_test_split(idx, fraction, seed, None)
+    return np.sort(kept), np.sort(taken)
+
+
+def normalize(
+    xs: Splits, method: str, target: tuple[float, float], *, image: bool
+) -> tuple[Splits, tuple[float, float]]:
+    """Scale every split with statistics of the training split only.
+
+    Images use one global statistic; tables one per feature (column). Returns the
+    scaled splits and the value range of the scaled training data.
+    """
+    train = xs["train"].astype(np.float32)
+    axis = None if image else 0
+    if method == "minmax":
+        low, high = np.min(train, axis=axis), np.max(train, axis=axis)
+        span = np.where(high > low, high - low, 1.0)
+        scale = (target[1] - target[0]) / span
+        out = {s: (v - low) * scale + target[0] for s, v in xs.items()}
+        value_range = (float(target[0]), float(target[1]))
+    elif method == "standard":
+        mean, std = np.mean(train, axis=axis), np.std(train, axis=axis)
+        std = np.where(std > 0, std, 1.0)
+        out = {s: (v - mean) / std for s, v in xs.items()}
+        value_range = _range(out["train"])
+    elif method == "none":
+        out = dict(xs)
+        value_range = _range(train)
+    else:
+        raise DlpipeError(f"unknown normalization '{method}' (none, minmax or standard)")
+    return {s: np.asarray(v, dtype=np.float32) for s, v in out.items()}, value_range
+
+
+def resize_images(x: np.ndarray, size: tuple[int, int], batch: int = 1024) -> np.ndarray:
+    """Resize ``(n, h, w, c)`` images to ``size`` (bilinear with antialiasing)."""
+    import tensorflow as tf
+
+    height, width = (int(v) for v in size)
+    if x.shape[1:3] == (height, width):
+        return x.astype(np.float32)
+    if len(x) == 0:
+        return np.zeros((0, height, width, x.shape[3]), dtype=np.float32)
+    chunks = [
+        tf.image.resize(x[i : i + batch], (height, width), method="bilinear", antialias=True)
+        for i in range(0, len(x), batch)
+    ]
+    return np.concatenate([c.numpy() for c in chunks]).astype(np.float32)
+
+
+def _range(x: np.ndarray) -> tuple[float, float]:
+    return (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 1.0)
+
+
+def _cwd_note(path: Path) -> str:
+    return f"resolved to {path.resolve()}" if not path.is_absolute() else "absolute path"
+
+
+def _missing_file_message(path: Path) -> str:
+    message = f"npz file not found: {path} ({_cwd_note(path)})"
+    folder = path.parent if str(path.parent) else Path(".")
+    if folder.is_dir():
+        names = [p.name for p in folder.iterdir() if p.is_file()]
+        similar = close_matches(path.name, names)
+        if similar:
+            message += f"; did you mean: {', '.join(str(folder / s) for s in similar)}?"
+    return message
+
+
+def _npz_array(path: Path, arrays: dict[str, np.ndarray], key: str, param: str) -> np.ndarray:
+    if key in arrays:
+        return arrays[key]
+    available = ", ".join(sorted(arrays)) or "(none)"
+    message = f"{path} has no array named '{key}' ({param}); arrays in the file: {available}"
+    similar = close_matches(key, arrays)
+    if similar:
+        message += f"; did you mean: {', '.join(similar)}?"
+    raise DlpipeError(message)
+
+
+def _features(path: Path, x: np.ndarray) -> np.ndarray:
+    """Features as float32 ``(n, d)`` tables or ``(n, h, w, c)`` images."""
+    if x.ndim == 1:
+        return x.astype(np.float32)[:, np.newaxis]
+    if x.ndim == 2:
+        return x.astype(np.float32)
+    if x.ndim == 3:
+        if min(x.shape[1:]) > 1:  # (n, h, w): grayscale images without a channel axis
+            return x.astype(np.float32)[..., np.newaxis]
+        return x.reshape(len(x), -1).astype(np.float32)
+    if x.ndim == 4:
+        return x.astype(np.float32)
+    raise DlpipeError(
+        f"{path}: features have shape {x.shape}; expected (n, features), (n, h, w) "
+        "or (n, h, w, channels)"
+    )
+
+
+def _class_labels(path: Path, key: str | None, y: np.ndarray) -> np.ndarray:
+    y = np.ravel(y) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1:
+        raise DlpipeError(
+            f"{path}: class labels '{key}' have shape {y.shape}; expected (n,) integers "
+            "(one-hot labels: store their argmax)"
+        )
+    if y.size and (not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0):
+        raise DlpipeError(
+            f"{path}: class labels '{key}' must be integers 0..num_classes-1 "
+            "(for real-valued targets set task: regression)"
+        )
+    return y.astype(np.int32)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _load_image(file: Path, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:  # a GIF gives its first frame
+            array = np.asarray(img.convert(mode), dtype=np.float32)
+    except OSError as exc:
+        raise DlpipeError(f"cannot read image {file}: {exc}") from exc
+    return array[..., np.newaxis] if array.ndim == 2 else array
+
+
+def _resize_each(images: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """Resize images of possibly different sizes, one batch per distinct size."""
+    out: list[np.ndarray] = list(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(img.shape, []).append(i)
+    for indices in by_shape.values():
+        resized = resize_images(np.stack([images[i] for i in indices]), size)
+        for i, img in zip(indices, resized, strict=True):
+            out[i] = img
+    return out
