@@ -131,7 +131,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     host = load_plugins(plugin_dirs=args.plugins_dir)
     reg = host.registry
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in host.plugins:
         stages = sorted(
             f"{kind}/{name}" for kind, table in reg.stages.items()

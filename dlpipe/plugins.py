@@ -70,7 +70,7 @@ class StageEntry:
     plugin: str
 
     def function(self) -> Callable[..., Any]:
-        return resolve_ref(self.run, f"stage {self.kind}/{self.name}")  # type: ignore[no-any-return]
+        return resolve_ref(self.run, f"stage {self.kind}/{self.name}")
 
 
 @dataclass
@@ -86,7 +86,7 @@ class ModelEntry:
     example_params: Mapping[str, Any] | None = None
 
     def builder(self) -> Callable[..., Any]:
-        return resolve_ref(self.build, f"model {self.name}")  # type: ignore[no-any-return]
+        return resolve_ref(self.build, f"model {self.name}")
 
     def plotter(self) -> Callable[..., Any] | None:
         return None if self.plots is None else resolve_ref(self.plots, f"plots of {self.name}")
@@ -101,7 +101,7 @@ class StrategyEntry:
     plugin: str
 
     def factory(self) -> Callable[..., Any]:
-        return resolve_ref(self.create, f"strategy {self.name}")  # type: ignore[no-any-return]
+        return resolve_ref(self.create, f"strategy {self.name}")
 
 
 #: The stage that builds models; a spec's ``kind: model, use: NAME`` names an architecture.

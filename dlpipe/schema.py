@@ -11,7 +11,7 @@ from dlpipe.spec import SpecModel
 def _params_schema(params: Any, defs: dict[str, Any]) -> dict[str, Any]:
     schema = params.model_json_schema(ref_template="#/$defs/{model}")
     defs.update(schema.pop("$defs", {}))
-    return schema  # type: ignore[no-any-return]
+    return schema
 
 
 def spec_json_schema(registry: Registry) -> dict[str, Any]:

@@ -72,8 +72,8 @@ def load_yaml(text: str, source: str) -> YamlDocument:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        loc = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
-        raise SpecError(source, [Problem((), f"invalid YAML: {exc.problem}", loc)]) from None
+        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
+        raise SpecError(source, [Problem((), f"invalid YAML: {exc.problem}", where)]) from None
     except yaml.YAMLError as exc:
         raise SpecError(source, [Problem((), f"invalid YAML: {exc}", Location(source))]) from None
     finally:

@@ -219,3 +219,35 @@ def test_nan_guard_fails_the_run(workdir):
         run_pipeline(spec, host)
     run = only_run(mlflow_client(), "tests")
     assert run.info.status == "FAILED" and "TrainingDiverged" in run.data.tags["dlpipe.error"]
+
+
+class CountingStrategy:
+    """A strategy plugin: register_strategies with params, used via `strategy:`."""
+
+    __name__ = "counting"
+
+    class P(Params):
+        label: str = "x"
+
+    def __init__(self):
+        self.created = []
+
+    @hookimpl
+    def register_strategies(self, register):
+        def create(params):
+            import tensorflow as tf
+
+            self.created.append(params.label)
+            return tf.distribute.get_strategy()
+
+        register("counting", create, self.P, "default strategy, counted")
+
+
+def test_strategy_plugin_is_used(workdir):
+    plugin = CountingStrategy()
+    host = load_plugins(plugin_dirs=[], entry_points=False, extra=[plugin])
+    text = (TINY % {"track": "false", "last_kind": "evaluate", "last_use": "keras_evaluate"})
+    text = text.replace("seed: 1", "seed: 1\nstrategy: {use: counting, params: {label: hi}}")
+    spec = validate(load_yaml(text, "s.yaml"), host.registry)
+    ctx = run_pipeline(spec, host)
+    assert plugin.created == ["hi"] and ctx.model is not None

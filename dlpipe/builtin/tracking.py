@@ -111,7 +111,7 @@ def _git_commit(folder: Path) -> str | None:
 
 
 def _tracker(context: Any) -> Tracker | None:
-    return context.extras.get(_KEY)  # type: ignore[no-any-return]
+    return context.extras.get(_KEY)
 
 
 @hookimpl

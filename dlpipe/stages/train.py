@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from dlpipe.errors import DlpipeError, TrainingDiverged
+from dlpipe.models.common import set_term_weights
 
 _OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -175,8 +176,13 @@ def keras_fit(ctx: Any, params: Any) -> None:
             jit_compile=params.jit_compile,
             steps_per_execution=params.steps_per_execution,
         )
-    for term, weight in params.loss_weights.items():
-        model.term_weights[term].assign(weight)
+    if params.loss_weights:
+        if not own_loss:
+            raise DlpipeError(
+                f"stage {ctx.stage.id!r}: loss_weights {sorted(params.loss_weights)} given, but "
+                "the model has no named loss terms"
+            )
+        set_term_weights(model, params.loss_weights)
 
     run_dir = ctx.run_dir
     history: dict[str, list[float]] = {}

@@ -1,0 +1,1 @@
+"""Model code behind the built-in architecture plugins (imported lazily, on first use)."""

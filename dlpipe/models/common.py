@@ -1,0 +1,89 @@
+"""Helpers for models that write their own losses in a custom ``train_step``.
+
+Keras scales the losses it computes itself for ``tf.distribute`` and mixed precision;
+a hand-written loss must do both explicitly. A typical ``train_step``::
+
+    with tf.GradientTape() as tape:
+        total, terms = self.loss_terms(x, training=True)
+    apply_gradients(self.optimizer, tape, replica_scaled(total), self.trainable_variables)
+
+Loss-term weights live in non-trainable variables (:func:`make_term_weights`) that the
+model exposes as ``term_weights``; the train stage assigns a spec's ``loss_weights``
+to them, and callbacks may change them between epochs (KL warm-up) without retracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+
+def replica_scaled(loss: Any) -> Any:
+    """``loss`` divided by the number of replicas in sync.
+
+    Under a ``tf.distribute`` strategy each replica computes the loss of its own part
+    of the global batch and the gradients are *summed* across replicas, so a
+    per-replica mean loss must be divided by the replica count. A no-op without a
+    strategy (one replica).
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1:
+        return loss
+    return loss * keras.ops.cast(1.0 / replicas, loss.dtype)
+
+
+def apply_gradients(
+    optimizer: Any, tape: tf.GradientTape, loss: Any, variables: Iterable[Any]
+) -> None:
+    """One optimizer step on ``loss``, recorded by ``tape``.
+
+    The loss goes through ``optimizer.scale_loss`` first (mixed-precision loss
+    scaling; the identity for a plain optimizer). That multiplication is recorded by
+    re-entering ``tape``, so the caller may leave the tape's block before calling
+    this. ``optimizer.apply`` unscales the gradients again (and skips the step on
+    non-finite ones for a ``LossScaleOptimizer``).
+    """
+    variables = list(variables)
+    with tape:
+        scaled = optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, variables)
+    optimizer.apply(grads, variables)
+
+
+def make_term_weights(names: Iterable[str], initial: Mapping[str, float] | None = None) -> dict:
+    """One non-trainable float32 scalar ``keras.Variable`` per loss term, by name.
+
+    Assign the result to the model's ``term_weights`` attribute: Keras then tracks
+    the variables (they are saved with the model and mirrored under a strategy).
+    Unlisted terms start at 1.0. Create them inside the strategy scope.
+    """
+    initial = dict(initial or {})
+    weights = {}
+    for name in names:
+        weights[name] = keras.Variable(
+            float(initial.pop(name, 1.0)),
+            dtype="float32",
+            trainable=False,
+            name=f"{name}_weight",
+        )
+    if initial:
+        raise ValueError(f"initial weights for unknown loss terms: {sorted(initial)}")
+    return weights
+
+
+def set_term_weights(model: Any, weights: Mapping[str, float]) -> None:
+    """Assign ``weights`` (term name -> value) to ``model.term_weights``.
+
+    Raises ``ValueError`` naming the model's terms when a name is not one of them.
+    """
+    terms = getattr(model, "term_weights", None) or {}
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        raise ValueError(
+            f"model has no loss term(s) {unknown}; its terms are {sorted(terms) or 'none'}"
+        )
+    for name, value in weights.items():
+        terms[name].assign(float(value))
