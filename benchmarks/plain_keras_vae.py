@@ -67,9 +67,7 @@ def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = digits.images.astype("float32")[..., np.newaxis]  # (1797, 8, 8, 1), values 0..16
     y = digits.target
     index = np.arange(len(x))
-    rest, test = train_test_split(
-        index, test_size=TEST_FRACTION, random_state=seed, stratify=y
-    )
+    rest, test = train_test_split(index, test_size=TEST_FRACTION, random_state=seed, stratify=y)
     rest = np.sort(rest)
     train, val = train_test_split(
         rest,
@@ -173,7 +171,7 @@ class VAE(keras.Model):
         with tf.GradientTape() as tape:
             total, reconstruction, kl = self.compute_losses(data, training=True)
         grads = tape.gradient(total, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
         return self.update_trackers(total, reconstruction, kl)
 
     def test_step(self, data):
@@ -247,9 +245,7 @@ def main() -> None:
 
     timer = EpochTimer()
     t0 = time.perf_counter()
-    vae.fit(
-        train_ds, validation_data=val_ds, epochs=args.epochs, callbacks=[timer], verbose=2
-    )
+    vae.fit(train_ds, validation_data=val_ds, epochs=args.epochs, callbacks=[timer], verbose=2)
     fit_s = time.perf_counter() - t0
 
     evaluate_s = save_s = None

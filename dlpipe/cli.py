@@ -118,8 +118,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec, host = _load(args)
     if args.no_track:
         spec.model.tracking.enabled = False
+    import signal
+
     from dlpipe.engine import run_pipeline
 
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # `kill` behaves like Ctrl+C: the MLflow run is closed as KILLED, checkpoints stay.
+    signal.signal(signal.SIGTERM, terminate)
     print(f"dlpipe: running {spec.name} ({len(spec.stages)} stages) from {args.spec}")
     ctx = run_pipeline(spec, host)
     print(f"dlpipe: done; outputs in {ctx.run_dir}")

@@ -251,3 +251,37 @@ def test_strategy_plugin_is_used(workdir):
     spec = validate(load_yaml(text, "s.yaml"), host.registry)
     ctx = run_pipeline(spec, host)
     assert plugin.created == ["hi"] and ctx.model is not None
+
+
+class StopAtEpoch:
+    """Simulates a killed run: raises from on_metrics at a given epoch."""
+
+    __name__ = "stopper"
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    @hookimpl
+    def on_metrics(self, context, stage, metrics, step):
+        if step == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_rerun_of_an_interrupted_run_resumes(workdir):
+    text = (TINY % {"track": "true", "last_kind": "evaluate", "last_use": "keras_evaluate"})
+    text = text.replace("epochs: 2", "epochs: 4")
+    host = load_plugins(plugin_dirs=[], entry_points=False, extra=[StopAtEpoch(2)])
+    spec = validate(load_yaml(text, "r.yaml"), host.registry)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec, host)
+    host = load_plugins(plugin_dirs=[], entry_points=False)
+    run_pipeline(validate(load_yaml(text, "r.yaml"), host.registry), host)
+
+    client = mlflow_client()
+    exp = client.get_experiment_by_name("tests")
+    runs = {r.info.status: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"KILLED", "FINISHED"}
+    first = [m.step for m in client.get_metric_history(runs["KILLED"].info.run_id, "loss")]
+    second = [m.step for m in client.get_metric_history(runs["FINISHED"].info.run_id, "loss")]
+    assert first[:2] == [0, 1]
+    assert second and second[0] >= 2 and second[-1] == 3  # continued, not restarted
