@@ -285,3 +285,21 @@ def test_rerun_of_an_interrupted_run_resumes(workdir):
     second = [m.step for m in client.get_metric_history(runs["FINISHED"].info.run_id, "loss")]
     assert first[:2] == [0, 1]
     assert second and second[0] >= 2 and second[-1] == 3  # continued, not restarted
+
+
+def test_dropped_in_plugin_runs_from_a_spec(workdir, repo, capsys):
+    """plugins/digit_mlp.py is picked up from ./plugins and used by its pipeline."""
+    import shutil
+
+    shutil.copytree(repo / "plugins", workdir / "plugins")
+    shutil.copytree(repo / "pipelines", workdir / "pipelines")
+    assert main(["plugins"]) == 0
+    assert "models:     digit_mlp" in capsys.readouterr().out
+    assert main(["run", "pipelines/digit_mlp.yaml", "--set", "train.epochs=3"]) == 0
+    client = mlflow_client()
+    run = only_run(client, "dlpipe-examples")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] > 0.5
+    assert run.data.tags["plugin.digit_mlp"] == "0.1.0 (plugins-dir)"
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= plots
