@@ -303,3 +303,13 @@ def test_dropped_in_plugin_runs_from_a_spec(workdir, repo, capsys):
     assert run.data.tags["plugin.digit_mlp"] == "0.1.0 (plugins-dir)"
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= plots
+
+
+def test_broken_tracking_store_is_a_clear_error(workdir, capsys):
+    text = TINY % {"track": "true", "last_kind": "evaluate", "last_use": "keras_evaluate"}
+    text = text.replace("tracking: {enabled: true}", "tracking: {uri: 'nosuchscheme://x'}")
+    (workdir / "t.yaml").write_text(text)
+    assert main(["run", "t.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "MLflow tracking failed (nosuchscheme://x)" in err and "--no-track" in err
+    assert "Traceback" not in err

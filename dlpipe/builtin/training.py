@@ -41,10 +41,17 @@ class EarlyStoppingParams(Params):
 
 
 class CheckpointParams(Params):
+    """Best weights (``checkpoints/best.weights.h5``) and the resume backup."""
+
     enabled: bool = True
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
-    save_best_only: bool = True
+    every_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Write checkpoints at most this often (and always at the end and on "
+        "failure); 0 writes after every epoch. Bounds the cost of saving on short epochs.",
+    )
 
 
 class KerasFitParams(Params):

@@ -138,6 +138,72 @@ class NanGuard(keras.callbacks.Callback):
                 return
 
 
+class ThrottledBackup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that writes at most every ``every_seconds`` (plus on demand).
+
+    A re-run of the same spec resumes from the last backup. Saving costs ~20 ms for a
+    small model, a large share of a short epoch, so backups are paced by wall time.
+    """
+
+    def __init__(self, backup_dir: str, every_seconds: float) -> None:
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=True)
+        self.every_seconds = every_seconds
+        self._last_save = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+        if time.monotonic() - self._last_save >= self.every_seconds:
+            self.save_now()
+
+    def save_now(self) -> None:
+        if self.model is not None and self.model.built:
+            self._save_model()
+            self._last_save = time.monotonic()
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keep the best weights seen (by ``monitor``) and write them at most every
+    ``every_seconds``, at the end of training, and on :meth:`flush`."""
+
+    def __init__(self, path: Any, monitor: str, mode: str, every_seconds: float) -> None:
+        super().__init__()
+        self.path = path
+        self.monitor = monitor
+        self.better = np.less if mode == "min" else np.greater
+        self.every_seconds = every_seconds
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self._weights: list[Any] | None = None
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        if self.best_value is None or self.better(float(value), self.best_value):
+            self.best_value, self.best_epoch = float(value), epoch
+            self._weights = self.model.get_weights()
+            self._dirty = True
+        if self._dirty and time.monotonic() - self._last_save >= self.every_seconds:
+            self.flush()
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._dirty or self._weights is None:
+            return
+        current = self.model.get_weights()
+        self.model.set_weights(self._weights)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save_weights(str(self.path))
+        self.model.set_weights(current)
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+
 def default_loss(task: str) -> tuple[str | None, list[str]]:
     if task == "classification":
         return "sparse_categorical_crossentropy", ["accuracy"]
@@ -187,22 +253,22 @@ def keras_fit(ctx: Any, params: Any) -> None:
     run_dir = ctx.run_dir
     history: dict[str, list[float]] = {}
     guard = NanGuard()
-    callbacks: list[Any] = [ReportEpochs(ctx, history)]
+    every = params.checkpoint.every_seconds
+    backup = ThrottledBackup(str(run_dir / "backup"), every) if params.resume else None
+    best = None
+    # The backup records an epoch before anything that may raise in on_epoch_end.
+    callbacks: list[Any] = [backup] if backup else []
+    callbacks.append(ReportEpochs(ctx, history))
     if params.nan_guard:
         callbacks.append(guard)
-    monitor_ok = has_val or not params.checkpoint.monitor.startswith("val_")
     if params.checkpoint.enabled:
-        monitor = params.checkpoint.monitor if monitor_ok else params.checkpoint.monitor[4:]
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                str(run_dir / "checkpoints" / "best.weights.h5"),
-                monitor=monitor,
-                mode=params.checkpoint.mode,
-                save_best_only=params.checkpoint.save_best_only,
-                save_weights_only=True,
-            )
+        monitor = params.checkpoint.monitor
+        if not has_val and monitor.startswith("val_"):
+            monitor = monitor[4:]
+        best = BestWeights(
+            run_dir / "checkpoints" / "best.weights.h5", monitor, params.checkpoint.mode, every
         )
+        callbacks.append(best)
     if params.early_stopping is not None:
         es = params.early_stopping
         monitor = es.monitor if (has_val or not es.monitor.startswith("val_")) else es.monitor[4:]
@@ -215,8 +281,6 @@ def keras_fit(ctx: Any, params: Any) -> None:
                 restore_best_weights=es.restore_best_weights,
             )
         )
-    if params.resume:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
 
     verbose = params.verbose
     if verbose == "auto":
@@ -225,14 +289,22 @@ def keras_fit(ctx: Any, params: Any) -> None:
         "train", params.batch_size, shuffle=params.shuffle, seed=ctx.seed, augment=True
     )
     val_ds = data.dataset("val", params.batch_size) if has_val else None
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=params.epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # tf.data already shuffles (seeded) before batching
-    )
+    try:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=params.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # tf.data already shuffles (seeded) before batching
+        )
+    except BaseException:
+        # Keep what training reached: the best weights, and the resume point.
+        if best is not None:
+            best.flush()
+        if backup is not None and guard.bad is None:
+            backup.save_now()
+        raise
     ctx.history = history
     if guard.bad is not None:
         epoch, key, value = guard.bad
