@@ -172,7 +172,7 @@ def _phases(events: list[tuple[str, float]], launched: float, wall: float) -> di
     return phases
 
 
-def run_dlpipe(root: Path, epochs: int, probe: bool) -> dict[str, Any]:
+def run_dlpipe(root: Path, epochs: int, probe: bool, extra: list[str]) -> dict[str, Any]:
     workdir = make_workdir(root, "dlpipe", probe=probe)
     cmd = [
         *dlpipe_command(),
@@ -182,33 +182,42 @@ def run_dlpipe(root: Path, epochs: int, probe: bool) -> dict[str, Any]:
         f"train.epochs={epochs}",
         "--set",
         "train.early_stopping=null",
+        *extra,
     ]
     launched, wall, out = timed(cmd, workdir, base_env(workdir))
-    found = re.findall(r"mlflow: run ([0-9a-f]{32}) in experiment", out)
-    if not found:
-        raise SystemExit(f"no MLflow run id in the dlpipe output:\n{out[-3000:]}")
-    run_id = found[-1]
-    epoch_s, stamps = epoch_history(workdir, run_id)
-    if len(epoch_s) != epochs:
-        raise SystemExit(f"dlpipe logged {len(epoch_s)} epochs, not {epochs} (run {run_id})")
-    result: dict[str, Any] = {
-        "wall_s": wall,
-        "fit_s": None,
-        "epoch_s": epoch_s,
-        "epoch_s_median": median_after_first(epoch_s),
-        # Without the probe: epoch ends from the metric timestamps (millisecond steps).
-        "epoch_period_s": [(b - a) / 1000.0 for a, b in zip(stamps, stamps[1:], strict=False)],
-        "run_id": run_id,
-        "workdir": str(workdir),
-    }
-    result["epoch_period_s_median"] = median(result["epoch_period_s"])
+    record = None
     probe_file = workdir / "dlpipe_probe.json"
     if probe and probe_file.is_file():
         record = json.loads(probe_file.read_text())
+    found = re.findall(r"mlflow: run ([0-9a-f]{32}) in experiment", out)
+    result: dict[str, Any] = {"wall_s": wall, "fit_s": None, "workdir": str(workdir)}
+    if found:
+        # epoch_time_s as tracked; the epoch ends from the metric timestamps (ms steps).
+        result["run_id"] = found[-1]
+        epoch_s, stamps = epoch_history(workdir, found[-1])
+        result["epoch_period_s"] = [
+            (b - a) / 1000.0 for a, b in zip(stamps, stamps[1:], strict=False)
+        ]
+        result["epoch_period_s_median"] = median(result["epoch_period_s"])
+    elif record is not None:  # --no-track: what the probe saw reported
+        epoch_s = record["epoch_time_s"]
+    else:
+        raise SystemExit(f"no MLflow run id in the dlpipe output:\n{out[-3000:]}")
+    if len(epoch_s) != epochs:
+        raise SystemExit(f"dlpipe reported {len(epoch_s)} epochs, not {epochs} ({workdir})")
+    result["epoch_s"] = epoch_s
+    result["epoch_s_median"] = median_after_first(epoch_s)
+    if record is not None:
         result["fit_s"] = record["fit_s"]
         result["epoch_period_s"] = record["epoch_period_s"]
         result["epoch_period_s_median"] = median_after_first(record["epoch_period_s"])
         result["phases"] = _phases(record["events"], launched, wall)
+        result["callbacks"] = {
+            f"{name}.{hook}": calls
+            for name, hooks in record["callbacks"].items()
+            for hook, calls in hooks.items()
+        }
+    result.setdefault("epoch_period_s_median", None)
     return result
 
 
@@ -276,6 +285,24 @@ def phase_medians(runs: list[dict]) -> dict[str, float]:
     return {n: v for n, v in medians.items() if not (n.startswith("hooks") and v < 0.005)}
 
 
+def callback_costs(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per callback hook: median milliseconds per call (epoch hooks: epochs 2..) and
+    median seconds per run in total, over the runs."""
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.get("callbacks", {}) if n not in names]
+    costs = {}
+    for name in names:
+        calls = [r["callbacks"][name] for r in runs if r.get("callbacks", {}).get(name)]
+        if not calls:
+            continue
+        per_call = median([median_after_first(c) for c in calls])
+        total = median([sum(c) for c in calls])
+        if total is not None and total >= 0.001:
+            costs[name] = {"ms_per_call": 1000.0 * per_call, "total_s": total}
+    return costs
+
+
 def print_report(summary: dict, startup: dict, plain: list, dlpipe: list, args: Any) -> bool:
     label = {
         "wall_s": "whole process (s)",
@@ -289,6 +316,9 @@ def print_report(summary: dict, startup: dict, plain: list, dlpipe: list, args: 
         f"VAE on sklearn digits: {args.rounds} alternating rounds x {args.epochs} epochs, "
         f"batch 32; medians (epoch medians skip epoch 1)"
     )
+    extra = [*(f"--set {v}" for v in args.dlpipe_set), *(["--no-track"] if args.no_track else [])]
+    if extra:
+        print(f"dlpipe variant: {' '.join(extra)}")
     header = (
         f"{'':<24}{'plain keras':>12}{'dlpipe':>10}{'ratio':>8}{'paired':>14}{'goal':>9}  result"
     )
@@ -310,10 +340,11 @@ def print_report(summary: dict, startup: dict, plain: list, dlpipe: list, args: 
             f"{_fmt(row['ratio'], '.3f'):>8}{paired:>14}"
             f"{('<= ' + format(goal, '.2f')) if goal else '':>9}  {verdict}"
         )
-    print()
-    print(
-        f"{'start-up (median of ' + str(args.startup_repeats) + ')':<32}{'s':>8}{'goal':>9}  result"
-    )
+    if startup:
+        print()
+        print(
+            f"{'start-up (median of ' + str(args.startup_repeats) + ')':<32}{'s':>8}{'goal':>9}  result"
+        )
     for name, row in startup.items():
         reference = name.endswith("(reference)")
         verdict = "" if reference else _verdict(row["median_s"], GOAL_STARTUP_S, strict=True)
@@ -328,6 +359,13 @@ def print_report(summary: dict, startup: dict, plain: list, dlpipe: list, args: 
             print(f"where the time goes, {title} (median s):")
             for name, value in phases.items():
                 print(f"  {name:<38}{_fmt(value):>7}")
+    costs = callback_costs(dlpipe)
+    if costs:
+        print()
+        print("dlpipe's callbacks (median; per call over epochs 2..):")
+        print(f"  {'callback.hook':<38}{'ms/call':>8}{'s/run':>8}")
+        for name, cost in costs.items():
+            print(f"  {name:<38}{cost['ms_per_call']:>8.1f}{cost['total_s']:>8.2f}")
     print()
     print("overall: " + ("PASS" if passed else "FAIL"))
     return passed
@@ -352,11 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run dlpipe without the measuring plugin (no fit time, no breakdown)",
     )
+    parser.add_argument(
+        "--dlpipe-set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="an extra --set for dlpipe run, to time a variant (repeatable), "
+        "e.g. train.resume=false",
+    )
+    parser.add_argument("--no-track", action="store_true", help="time dlpipe run --no-track")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run folders")
     parser.add_argument("--output", type=Path, help="results JSON (default benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.epochs = 2, 10
+    extra = [arg for value in args.dlpipe_set for arg in ("--set", value)]
+    if args.no_track:
+        extra.append("--no-track")
 
     root = Path(tempfile.mkdtemp(prefix="dlpipe-bench-"))
     plain: list[dict] = []
@@ -371,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_plain(root, args.epochs)
                     plain.append(r)
                 else:
-                    r = run_dlpipe(root, args.epochs, probe=not args.no_probe)
+                    r = run_dlpipe(root, args.epochs, not args.no_probe, extra)
                     dlpipe.append(r)
                 print(
                     f"round {i + 1}/{args.rounds} {which:<6}  whole {r['wall_s']:6.2f} s  "
@@ -396,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "epochs": args.epochs,
         "probe": not args.no_probe,
+        "dlpipe_extra_args": extra,
         "goals": {
             "whole_ratio": GOAL_WHOLE,
             "epoch_ratio": GOAL_EPOCH,
@@ -405,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "startup": startup,
         "phases": {"plain": phase_medians(plain), "dlpipe": phase_medians(dlpipe)},
+        "dlpipe_callbacks": callback_costs(dlpipe),
         "runs": {"plain": plain, "dlpipe": dlpipe},
         "machine": {
             "python": sys.version.split()[0],

@@ -1,9 +1,10 @@
 """A measuring-only dlpipe plugin that ``bench_vae.py`` drops into a run's ``plugins/``.
 
-It changes nothing about the run. It records wall-clock timestamps (``time.time()``,
+It changes nothing the run computes. It records wall-clock timestamps (``time.time()``,
 comparable with the parent's launch time) of the lifecycle hooks, the wall time of
-``model.fit`` itself (``time.perf_counter`` around the call, like the plain script)
-and the moment each epoch's metrics are reported, and writes them as JSON to
+``model.fit`` itself (``time.perf_counter`` around the call, like the plain script),
+the moment each epoch's metrics are reported, and the seconds spent in each epoch
+hook of the train stage's callbacks (by class). It writes them as JSON to
 ``$DLPIPE_BENCH_PROBE`` (default ``dlpipe_probe.json`` in the working directory) at
 the very end of the run. Its hooks run first at each start and last at each end, so
 the other plugins' work (MLflow set-up, flushing) falls inside the measured spans.
@@ -23,6 +24,27 @@ __version__ = "0.1.0"
 _events: list[tuple[str, float]] = [("plugin_loaded", time.time())]
 _epochs: list[float] = []  # time.perf_counter() when each epoch's metrics arrive
 _fit: dict[str, float] = {}
+_epoch_time_s: list[float] = []  # the epoch_time_s dlpipe reports (with or without MLflow)
+#: callback class -> hook -> seconds spent in it, one entry per call
+_callbacks: dict[str, dict[str, list[float]]] = {}
+_CALLBACK_HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_end")
+
+
+def _time_callback(callback: Any) -> None:
+    """Time each epoch-level hook of one of the train stage's callbacks."""
+    record = _callbacks.setdefault(type(callback).__name__, {})
+    for hook in _CALLBACK_HOOKS:
+        method = getattr(callback, hook)
+        calls = record.setdefault(hook, [])
+
+        def timed(*args: Any, _method: Any = method, _calls: list = calls, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                _calls.append(time.perf_counter() - t0)
+
+        object.__setattr__(callback, hook, timed)
 
 
 def _mark(name: str) -> None:
@@ -43,6 +65,8 @@ def before_stage(context: Any, stage: Any) -> None:
         fit = model.fit
 
         def timed_fit(*args: Any, **kwargs: Any) -> Any:
+            for callback in kwargs.get("callbacks") or []:
+                _time_callback(callback)
             _events.append(("fit_start", time.time()))
             t0 = time.perf_counter()
             try:
@@ -68,6 +92,8 @@ def after_stage(context: Any, stage: Any) -> None:
 def on_metrics(context: Any, stage: Any, metrics: Any, step: Any) -> None:
     if step is not None and stage is not None and stage.kind == "train":
         _epochs.append(time.perf_counter())
+        if "epoch_time_s" in metrics:
+            _epoch_time_s.append(float(metrics["epoch_time_s"]))
 
 
 @hookimpl(tryfirst=True)
@@ -90,6 +116,8 @@ def after_run_last(context: Any) -> None:
         "events": _events,
         "fit_s": _fit.get("fit_s"),
         "epoch_period_s": periods,
+        "epoch_time_s": _epoch_time_s,
+        "callbacks": _callbacks,
         "run_id": getattr(context, "run_id", None),
     }
     path = os.environ.get("DLPIPE_BENCH_PROBE", "dlpipe_probe.json")

@@ -121,10 +121,10 @@ class Tracker:
         from mlflow.entities import Metric
 
         batch = [Metric(k, v, timestamp, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log_batch(self._run(), metrics=batch)
 
     def _log_artifact(self, path: str, artifact_path: str | None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        self.client.log_artifact(self._run(), path, artifact_path)
 
     def _log_flavor(self, model: Any) -> None:
         import mlflow
@@ -135,8 +135,12 @@ class Tracker:
 
     def _finish(self, status: str, error: str | None) -> None:
         if error:
-            self.client.set_tag(self.run_id, "dlpipe.error", error[:5000])
-        self.client.set_terminated(self.run_id, status)
+            self.client.set_tag(self._run(), "dlpipe.error", error[:5000])
+        self.client.set_terminated(self._run(), status)
+
+    def _run(self) -> str:
+        assert self.run_id is not None, "the run is created by the first work item"
+        return self.run_id
 
     # -- the hooks' side ----------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
