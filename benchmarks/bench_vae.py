@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,18 +88,26 @@ def make_workdir(root: Path, name: str, probe: bool) -> Path:
     return workdir
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return (launch time.time(), wall seconds, stdout+stderr)."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Run ``cmd``; return (launch time.time(), wall seconds, CPU seconds of the process
+    and its children, stdout+stderr)."""
     launched = time.time()
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-40:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return launched, wall, proc.stdout
+    return launched, wall, cpu, proc.stdout
 
 
 # ------------------------------------------------------------------------------ runs
@@ -107,7 +116,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float,
 def run_plain(root: Path, epochs: int) -> dict[str, Any]:
     workdir = make_workdir(root, "plain", probe=False)
     cmd = [sys.executable, str(PLAIN_SCRIPT), "--epochs", str(epochs)]
-    _, wall, out = timed(cmd, workdir, base_env(workdir))
+    _, wall, cpu, out = timed(cmd, workdir, base_env(workdir))
     lines = [line for line in out.splitlines() if line.startswith("BENCH ")]
     if not lines:
         raise SystemExit(f"no BENCH line from {PLAIN_SCRIPT.name}:\n{out[-3000:]}")
@@ -116,11 +125,14 @@ def run_plain(root: Path, epochs: int) -> dict[str, Any]:
         raise SystemExit(f"the plain script ran {report['epochs']} epochs, not {epochs}")
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "fit_s": report["fit_s"],
         "epoch_s": report["epoch_s"],
         "epoch_s_median": median_after_first(report["epoch_s"]),
         "epoch_period_s": report["epoch_period_s"],
         "epoch_period_s_median": median_after_first(report["epoch_period_s"]),
+        "epoch_cpu_s": report["epoch_cpu_s"],
+        "epoch_cpu_s_median": median_after_first(report["epoch_cpu_s"]),
         "phases": {
             "imports": report["import_s"],
             "data + model build": report["script_s"]
@@ -152,7 +164,7 @@ def _phases(events: list[tuple[str, float]], launched: float, wall: float) -> di
     phases = {
         "start-up until plugins load": t["plugin_loaded"],
         "validate, import TF + Keras, strategy": t["before_run"] - t["plugin_loaded"],
-        "MLflow run set-up": t["stage_start:data"] - t["before_run"],
+        "before_run hooks (MLflow set-up)": t["stage_start:data"] - t["before_run"],
     }
     order = [name.split(":", 1)[1] for name, _ in events if name.startswith("stage_start:")]
     previous = "stage_start:data"
@@ -167,7 +179,7 @@ def _phases(events: list[tuple[str, float]], launched: float, wall: float) -> di
         else:
             phases[f"stage {kind}"] = t[end] - t[start]
         previous = end
-    phases["after_run (MLflow flush, end)"] = t["after_run_end"] - t[previous]
+    phases["after_run hooks (MLflow flush, end)"] = t["after_run_end"] - t[previous]
     phases["exit"] = wall - t["after_run_end"]
     return phases
 
@@ -184,13 +196,19 @@ def run_dlpipe(root: Path, epochs: int, probe: bool, extra: list[str]) -> dict[s
         "train.early_stopping=null",
         *extra,
     ]
-    launched, wall, out = timed(cmd, workdir, base_env(workdir))
+    launched, wall, cpu, out = timed(cmd, workdir, base_env(workdir))
     record = None
     probe_file = workdir / "dlpipe_probe.json"
     if probe and probe_file.is_file():
         record = json.loads(probe_file.read_text())
     found = re.findall(r"mlflow: run ([0-9a-f]{32}) in experiment", out)
-    result: dict[str, Any] = {"wall_s": wall, "fit_s": None, "workdir": str(workdir)}
+    result: dict[str, Any] = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "fit_s": None,
+        "epoch_cpu_s_median": None,
+        "workdir": str(workdir),
+    }
     if found:
         # epoch_time_s as tracked; the epoch ends from the metric timestamps (ms steps).
         result["run_id"] = found[-1]
@@ -211,6 +229,8 @@ def run_dlpipe(root: Path, epochs: int, probe: bool, extra: list[str]) -> dict[s
         result["fit_s"] = record["fit_s"]
         result["epoch_period_s"] = record["epoch_period_s"]
         result["epoch_period_s_median"] = median_after_first(record["epoch_period_s"])
+        result["epoch_cpu_s"] = record["epoch_cpu_s"]
+        result["epoch_cpu_s_median"] = median_after_first(record["epoch_cpu_s"])
         result["phases"] = _phases(record["events"], launched, wall)
         result["callbacks"] = {
             f"{name}.{hook}": calls
@@ -256,7 +276,14 @@ def _verdict(value: float | None, limit: float, strict: bool = False) -> str:
 
 def summarize(plain: list[dict], dlpipe: list[dict]) -> dict[str, Any]:
     rows = {}
-    for key in ("wall_s", "fit_s", "epoch_s_median", "epoch_period_s_median"):
+    for key in (
+        "wall_s",
+        "cpu_s",
+        "fit_s",
+        "epoch_s_median",
+        "epoch_period_s_median",
+        "epoch_cpu_s_median",
+    ):
         p = median([r[key] for r in plain])
         d = median([r[key] for r in dlpipe])
         paired = [
@@ -306,9 +333,11 @@ def callback_costs(runs: list[dict]) -> dict[str, dict[str, float]]:
 def print_report(summary: dict, startup: dict, plain: list, dlpipe: list, args: Any) -> bool:
     label = {
         "wall_s": "whole process (s)",
+        "cpu_s": "whole process, CPU (s)",
         "fit_s": "model.fit (s)",
         "epoch_s_median": "epoch, begin->end (s)",
         "epoch_period_s_median": "epoch, end->end (s)",
+        "epoch_cpu_s_median": "epoch, end->end, CPU (s)",
     }
     goals = {"wall_s": GOAL_WHOLE, "epoch_s_median": GOAL_EPOCH}
     print()

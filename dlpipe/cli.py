@@ -195,16 +195,14 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     uri = paths.absolute_sqlite(args.tracking_uri) if args.tracking_uri else paths.default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
-    try:
-        return subprocess.call(ui_command(uri, args.host, args.port))
-    except KeyboardInterrupt:
-        return 0
+    # Become the MLflow server, so signals (Ctrl+C, kill) reach it and its workers directly.
+    command = ui_command(uri, args.host, args.port)
+    os.execv(command[0], command)
+    return 0  # not reached
 
 
 COMMANDS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_ui_serves_the_store(workdir):
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlpipe", "ui", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
         first = proc.stdout.readline()
@@ -141,8 +142,14 @@ def test_ui_serves_the_store(workdir):
                 time.sleep(1)
         assert body.strip() == "OK"
     finally:
-        proc.terminate()
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
         proc.wait(timeout=30)
+        time.sleep(1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert (workdir / "mlruns" / "mlflow.db").exists()
 
 

@@ -313,3 +313,41 @@ def test_broken_tracking_store_is_a_clear_error(workdir, capsys):
     err = capsys.readouterr().err
     assert "MLflow tracking failed (nosuchscheme://x)" in err and "--no-track" in err
     assert "Traceback" not in err
+
+
+def test_kill_9_leaves_no_run_running(workdir, repo):
+    """Even a SIGKILLed training process gets its run closed (by the tracking sidecar)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlpipe", "run", str(repo / "pipelines" / "vae.yaml"),
+         "--set", "train.epochs=500", "--set", "train.early_stopping=null"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        seen_run = False
+        for line in proc.stdout:
+            seen_run = seen_run or line.startswith("mlflow: tracking run")
+            if (seen_run and line.startswith("Epoch ")) or time.time() > deadline:
+                break
+        assert seen_run
+        client = mlflow_client()
+        run = only_run(client, "dlpipe-vae")
+        assert run.info.status == "RUNNING"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    status = None
+    for _ in range(40):
+        status = client.get_run(run.info.run_id).info.status
+        if status != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert status == "KILLED"
+    assert client.get_run(run.info.run_id).data.tags["dlpipe.error"] == "the training process died"

@@ -3,7 +3,7 @@
 It changes nothing the run computes. It records wall-clock timestamps (``time.time()``,
 comparable with the parent's launch time) of the lifecycle hooks, the wall time of
 ``model.fit`` itself (``time.perf_counter`` around the call, like the plain script),
-the moment each epoch's metrics are reported, and the seconds spent in each epoch
+the moment each epoch's metrics are reported (wall and process CPU time), and the seconds spent in each epoch
 hook of the train stage's callbacks (by class). It writes them as JSON to
 ``$DLPIPE_BENCH_PROBE`` (default ``dlpipe_probe.json`` in the working directory) at
 the very end of the run. Its hooks run first at each start and last at each end, so
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 _events: list[tuple[str, float]] = [("plugin_loaded", time.time())]
 _epochs: list[float] = []  # time.perf_counter() when each epoch's metrics arrive
+_epochs_cpu: list[float] = []  # time.process_time() at the same moments
 _fit: dict[str, float] = {}
 _epoch_time_s: list[float] = []  # the epoch_time_s dlpipe reports (with or without MLflow)
 #: callback class -> hook -> seconds spent in it, one entry per call
@@ -68,6 +69,7 @@ def before_stage(context: Any, stage: Any) -> None:
             for callback in kwargs.get("callbacks") or []:
                 _time_callback(callback)
             _events.append(("fit_start", time.time()))
+            _fit["fit_cpu0"] = time.process_time()
             t0 = time.perf_counter()
             try:
                 return fit(*args, **kwargs)
@@ -92,6 +94,7 @@ def after_stage(context: Any, stage: Any) -> None:
 def on_metrics(context: Any, stage: Any, metrics: Any, step: Any) -> None:
     if step is not None and stage is not None and stage.kind == "train":
         _epochs.append(time.perf_counter())
+        _epochs_cpu.append(time.process_time())
         if "epoch_time_s" in metrics:
             _epoch_time_s.append(float(metrics["epoch_time_s"]))
 
@@ -112,10 +115,15 @@ def after_run_last(context: Any) -> None:
     if t0 is not None and _epochs:
         marks = [t0, *_epochs]
         periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    cpu_periods = []
+    if "fit_cpu0" in _fit and _epochs_cpu:
+        marks = [_fit["fit_cpu0"], *_epochs_cpu]
+        cpu_periods = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     out = {
         "events": _events,
         "fit_s": _fit.get("fit_s"),
         "epoch_period_s": periods,
+        "epoch_cpu_s": cpu_periods,
         "epoch_time_s": _epoch_time_s,
         "callbacks": _callbacks,
         "run_id": getattr(context, "run_id", None),
