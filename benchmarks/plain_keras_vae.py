@@ -11,7 +11,7 @@ the same numbers:
   training split's range;
 * model: a dense VAE, encoder 64 -> 256 -> 128 -> (z_mean, z_log_var) in 2-D, decoder
   2 -> 128 -> 256 -> 64 (sigmoid); loss = binary cross-entropy summed over the pixels
-  plus the KL divergence, both averaged over the batch; Adam with learning rate 1e-3;
+  plus the KL divergence, both averaged over the batch; Adam with learning rate 3e-3;
 * training: a ``tf.data`` pipeline (cache, shuffle, batch 32, prefetch), 40 epochs,
   validation on the val split, ``verbose=2``, no early stopping, no tracking;
 * afterwards: the test split is evaluated and the model saved as ``vae.keras`` in the
@@ -56,7 +56,7 @@ VAL_FRACTION = 0.1
 TEST_FRACTION = 0.1
 LATENT_DIM = 2
 HIDDEN = [256, 128]
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 3e-3  # as in pipelines/vae.yaml
 
 
 # ------------------------------------------------------------------------------ data

@@ -61,7 +61,7 @@ def test_vae_pipeline_end_to_end(workdir, repo, capsys):
     # params: the flattened resolved spec, in --set syntax
     assert run.data.params["train.epochs"] == "6"
     assert run.data.params["model.latent_dim"] == "2"
-    assert run.data.params["train.optimizer.learning_rate"] == "0.001"
+    assert run.data.params["train.optimizer.learning_rate"] == "0.003"
     # tags: spec file, versions, plugins
     tags = run.data.tags
     assert tags["dlpipe.spec_file"].endswith("vae.yaml")
