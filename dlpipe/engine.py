@@ -56,17 +56,16 @@ def run_pipeline(spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None =
     run_dir = run_dir or run_dir_for(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir)
-    started = False
+    # before_run comes first, before TensorFlow is even imported: tracking starts its
+    # work in parallel with the import, and a failing strategy is recorded like any error.
+    ctx.hook.before_run(context=ctx)
     try:
         configure_backend(spec.model.seed)
         ctx.strategy = create_strategy(spec, plugins)
-        ctx.hook.before_run(context=ctx)
-        started = True
         for stage in spec.stages:
             run_stage(ctx, stage)
     except BaseException as exc:
-        if started:
-            _safe_on_run_error(ctx, exc)
+        _safe_on_run_error(ctx, exc)
         raise
     ctx.stage = None
     ctx.hook.after_run(context=ctx)

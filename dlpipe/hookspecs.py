@@ -174,10 +174,12 @@ def register_strategies(register: StrategyRegistrar) -> None:
 
 @hookspec
 def before_run(context: RunContext) -> None:
-    """Called once before the first stage, after the spec validated and the
-    distribution strategy was created. ``context.spec`` is the resolved spec.
+    """Called once when a run starts: the spec has validated, but TensorFlow is not
+    imported yet and ``context.strategy`` is still ``None`` (it is created next).
+    ``context.spec`` is the resolved spec.
 
-    The tracking plugin starts its MLflow run here and sets ``context.run_id``.
+    If it raises, the run does not start and ``on_run_error`` is not called. The
+    tracking plugin starts its MLflow run here, so set-up overlaps TensorFlow's import.
     """
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import subprocess
@@ -52,10 +53,26 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
     client: Any = None
     run_id: str | None = None
     failed = False
+    pending: list[Any] = []  # metrics are written in batches, at most every 2 s
+    last_write = time.monotonic()
+
+    def write_metrics() -> None:
+        nonlocal last_write
+        if pending and client is not None and run_id is not None:
+            client.log_batch(run_id, metrics=list(pending))
+        pending.clear()
+        last_write = time.monotonic()
+
     while True:
         try:
             request = requests.get(timeout=2)
         except queue.Empty:
+            if pending and not failed:
+                try:
+                    write_metrics()
+                except BaseException as exc:
+                    failed = True
+                    replies.put(("error", f"{type(exc).__name__}: {exc}"))
             if parent is not None and not parent.is_alive():
                 # The training process died without closing the run (kill -9, OOM):
                 # leave no run RUNNING.
@@ -67,10 +84,15 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
         op = request[0]
         if op == "stop":
             replies.put(("stopped", run_id))
-            return
+            # Everything is written; skip tearing MLflow down (about a second).
+            replies.close()
+            replies.join_thread()
+            os._exit(0)
         if failed:
             continue
         try:
+            if op != "metrics":
+                write_metrics()
             if op == "start":
                 from mlflow.entities import Param
                 from mlflow.tracking import MlflowClient
@@ -95,8 +117,9 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
                 from mlflow.entities import Metric
 
                 _, metrics, step, timestamp = request
-                batch = [Metric(k, v, timestamp, step or 0) for k, v in metrics.items()]
-                client.log_batch(run_id, metrics=batch)
+                pending.extend(Metric(k, v, timestamp, step or 0) for k, v in metrics.items())
+                if time.monotonic() - last_write >= 2.0 or len(pending) >= 900:
+                    write_metrics()
             elif op == "artifact":
                 client.log_artifact(run_id, request[1], request[2])
             elif op == "finish":
