@@ -163,8 +163,9 @@ def _phases(events: list[tuple[str, float]], launched: float, wall: float) -> di
     t = {name: stamp - launched for name, stamp in events}
     phases = {
         "start-up until plugins load": t["plugin_loaded"],
-        "validate, import TF + Keras, strategy": t["before_run"] - t["plugin_loaded"],
-        "before_run hooks (MLflow set-up)": t["stage_start:data"] - t["before_run"],
+        "validate": t["before_run"] - t["plugin_loaded"],
+        # before_run comes before TensorFlow's import; MLflow starts in a sidecar process
+        "before_run hooks, import TF + Keras, strategy": t["stage_start:data"] - t["before_run"],
     }
     order = [name.split(":", 1)[1] for name, _ in events if name.startswith("stage_start:")]
     previous = "stage_start:data"
