@@ -65,23 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show tracebacks for errors"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # --debug is accepted after the command too (dlpipe run spec.yaml --debug).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors"
+    )
 
-    p = sub.add_parser("run", help="run a pipeline", description="Validate, then run every stage of a pipeline and track it in MLflow.")
+    p = sub.add_parser("run", parents=[common], help="run a pipeline", description="Validate, then run every stage of a pipeline and track it in MLflow.")
     _add_spec_options(p)
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
 
-    p = sub.add_parser("validate", help="check a spec without running it", description="Check a spec: structure, every use: resolves, every plugin's params validate. Does not import TensorFlow.")
+    p = sub.add_parser("validate", parents=[common], help="check a spec without running it", description="Check a spec: structure, every use: resolves, every plugin's params validate. Does not import TensorFlow.")
     _add_spec_options(p)
 
-    p = sub.add_parser("plugins", help="list plugins and what they register")
+    p = sub.add_parser("plugins", parents=[common], help="list plugins and what they register")
     _add_plugin_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("schema", help="print the JSON Schema of pipeline specs")
+    p = sub.add_parser("schema", parents=[common], help="print the JSON Schema of pipeline specs")
     _add_plugin_options(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
-    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
+    p = sub.add_parser("ui", parents=[common], help="start the MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.add_argument("--tracking-uri", help="store to show (default: as for dlpipe run)")
