@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from dlpipe import hookspecs
-from dlpipe.errors import PluginError, close_matches
+from dlpipe.errors import PluginError
 from dlpipe.params import NoParams, Params
 
 ENTRY_POINT_GROUP = "dlpipe"
@@ -448,6 +448,3 @@ def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
 
-
-def suggest(name: str, choices: Iterable[str]) -> list[str]:
-    return close_matches(name, choices)

@@ -406,13 +406,6 @@ def set_path(data: Any, path: KeyPath, value: Any) -> None:
         )
 
 
-def get_path(data: Any, path: KeyPath) -> Any:
-    node = data
-    for part in path:
-        node = node[part]
-    return node
-
-
 def apply_overrides(doc: YamlDocument, overrides: Sequence[str]) -> None:
     """Apply ``--set`` overrides in place; their values are located on the command line."""
     if not isinstance(doc.data, dict):
@@ -695,14 +688,6 @@ def _cross_stage_problems(
                     )
                 )
     return problems
-
-
-def load_spec(
-    path: str | Path, registry: Registry, overrides: Sequence[str] = ()
-) -> ResolvedSpec:
-    doc = read_spec_file(path)
-    apply_overrides(doc, overrides)
-    return validate(doc, registry, overrides)
 
 
 def spec_plugins(doc: YamlDocument) -> list[str]:

@@ -24,7 +24,10 @@ PLUGIN_SOURCE = textwrap.dedent(
         width: int = 4
 
     def build(params, data):
-        raise NotImplementedError
+        import keras
+
+        return keras.Sequential([keras.Input(data.input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(params.width)])
 
     @hookimpl
     def register_models(register):
