@@ -63,6 +63,9 @@ StageFunction = Callable[["RunContext", "Params"], None]
 ModelBuilder = Callable[["Params", Any], Any]
 #: A model's plot hook: ``plots(context, model, data)`` yields ``(filename, figure)``.
 ModelPlots = Callable[["RunContext", Any, Any], Any]
+#: A model's training callbacks: ``callbacks(context, model, data)`` returns a list of
+#: ``keras.callbacks.Callback`` added to ``fit`` (sample grids every few epochs, ...).
+ModelCallbacks = Callable[["RunContext", Any, Any], Any]
 #: A strategy factory: ``create(params)`` returns a ``tf.distribute.Strategy``.
 StrategyFactory = Callable[["Params"], Any]
 
@@ -102,6 +105,7 @@ class ModelRegistrar(Protocol):
         loss_terms: Sequence[str] = (),
         plots: ModelPlots | str | None = None,
         example_params: Mapping[str, Any] | None = None,
+        callbacks: ModelCallbacks | str | None = None,
     ) -> None:
         """Register architecture ``name``, used by a spec as ``kind: model, use: NAME``.
 
@@ -118,6 +122,9 @@ class ModelRegistrar(Protocol):
             pairs, logged as artifacts by the evaluate stage.
         :param example_params: small settings the conformance test builds the model
             with; defaults to the params' defaults.
+        :param callbacks: ``callbacks(context, model, data)`` returning Keras callbacks
+            the train stage adds to ``fit``, for example one that logs a sample grid
+            every few epochs with ``context.log_figure``. Called once per training run.
         """
 
 

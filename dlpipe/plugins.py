@@ -84,12 +84,18 @@ class ModelEntry:
     loss_terms: tuple[str, ...] = ()
     plots: Callable[..., Any] | str | None = None
     example_params: Mapping[str, Any] | None = None
+    callbacks: Callable[..., Any] | str | None = None
 
     def builder(self) -> Callable[..., Any]:
         return resolve_ref(self.build, f"model {self.name}")
 
     def plotter(self) -> Callable[..., Any] | None:
         return None if self.plots is None else resolve_ref(self.plots, f"plots of {self.name}")
+
+    def callback_factory(self) -> Callable[..., Any] | None:
+        if self.callbacks is None:
+            return None
+        return resolve_ref(self.callbacks, f"callbacks of {self.name}")
 
 
 @dataclass
@@ -151,11 +157,14 @@ class Registry:
             loss_terms: Sequence[str] = (),
             plots: Any = None,
             example_params: Mapping[str, Any] | None = None,
+            callbacks: Any = None,
         ) -> None:
             _check_name(plugin, "model", name)
             _check_callable(plugin, f"model {name}", build)
             if plots is not None:
                 _check_callable(plugin, f"plots of model {name}", plots)
+            if callbacks is not None:
+                _check_callable(plugin, f"callbacks of model {name}", callbacks)
             params = _check_params(plugin, f"model {name}", params)
             if isinstance(loss_terms, str) or not all(isinstance(t, str) for t in loss_terms):
                 raise PluginError(
@@ -165,7 +174,7 @@ class Registry:
                 _duplicate(f"model '{name}'", self.models[name].plugin, plugin)
             self.models[name] = ModelEntry(
                 name, build, params, description, plugin, task, tuple(loss_terms), plots,
-                example_params,
+                example_params, callbacks,
             )
 
         return register

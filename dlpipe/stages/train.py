@@ -283,6 +283,10 @@ def keras_fit(ctx: Any, params: Any) -> None:
             )
         )
 
+    factory = entry.callback_factory() if entry else None
+    if factory is not None:
+        callbacks.extend(factory(ctx, model, data) or [])
+
     verbose = params.verbose
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
