@@ -33,6 +33,14 @@ class RunContext:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     stage: ResolvedStage | None = None
+    #: The enclosing run when this one is nested in it (a tuning trial in its study).
+    parent: RunContext | None = None
+    #: Name for the tracked run (default: the spec's name).
+    run_name: str | None = None
+    #: Tags for the tracked run; tracking writes them at the start and again at the end.
+    tags: dict[str, str] = field(default_factory=dict)
+    #: A stage sets this to end the run successfully after it, skipping later stages.
+    finished: bool = False
     #: Free space for plugins; key it by your plugin's name.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -50,19 +50,78 @@ def run_stage(ctx: RunContext, stage: ResolvedStage) -> None:
     ctx.hook.after_stage(context=ctx, stage=stage)
 
 
+def driver_index(spec: ResolvedSpec, plugins: PluginHost) -> int | None:
+    """Index of the stage registered with ``runs_previous`` (the tune stage), if any."""
+    for i, stage in enumerate(spec.stages):
+        entry = plugins.registry.lookup_stage(stage.kind, stage.use)
+        if entry is not None and entry.runs_previous:
+            return i
+    return None
+
+
 def run_pipeline(spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None = None) -> RunContext:
     """Run every stage of ``spec``. Lifecycle hooks see the start, each stage, the end
-    and any error; the error is re-raised after ``on_run_error``."""
+    and any error; the error is re-raised after ``on_run_error``.
+
+    When a stage was registered with ``runs_previous`` (a tuner), the stages before it
+    are its business: the engine starts with that stage.
+    """
     run_dir = run_dir or run_dir_for(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir)
+    first = driver_index(spec, plugins) or 0
     # before_run comes first, before TensorFlow is even imported: tracking starts its
     # work in parallel with the import, and a failing strategy is recorded like any error.
     ctx.hook.before_run(context=ctx)
     try:
         configure_backend(spec.model.seed)
         ctx.strategy = create_strategy(spec, plugins)
-        for stage in spec.stages:
+        for stage in spec.stages[first:]:
+            run_stage(ctx, stage)
+            if ctx.finished:
+                break
+    except BaseException as exc:
+        _safe_on_run_error(ctx, exc)
+        raise
+    ctx.stage = None
+    ctx.hook.after_run(context=ctx)
+    return ctx
+
+
+def run_nested(
+    parent: RunContext,
+    spec: ResolvedSpec,
+    stages: list[ResolvedStage],
+    run_dir: Path,
+    *,
+    data: Any = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    extras: dict[str, Any] | None = None,
+) -> RunContext:
+    """Run ``stages`` as a run nested in ``parent`` (a tuning trial in its study).
+
+    The nested run gets its own context (``context.parent`` is ``parent``), shares the
+    parent's plugins and strategy, starts from ``data`` when a driver prepared it
+    once for every trial, and goes through the same lifecycle hooks as a top-level
+    run, so tracking records it as a child run. Errors are re-raised after
+    ``on_run_error``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(
+        spec=spec,
+        plugins=parent.plugins,
+        run_dir=run_dir,
+        strategy=parent.strategy,
+        data=data,
+        parent=parent,
+        run_name=run_name,
+        tags=dict(tags or {}),
+        extras=dict(extras or {}),
+    )
+    ctx.hook.before_run(context=ctx)
+    try:
+        for stage in stages:
             run_stage(ctx, stage)
     except BaseException as exc:
         _safe_on_run_error(ctx, exc)

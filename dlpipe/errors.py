@@ -30,6 +30,17 @@ class TrainingDiverged(DlpipeError):
     exit_code = 1
 
 
+class RunStopped(Exception):
+    """Raised by a plugin to end a nested run early on purpose, such as a tuning trial
+    that a pruner stopped. It is not a failure: tracking closes the run as FINISHED
+    and tags it with :attr:`state`.
+    """
+
+    def __init__(self, message: str, state: str = "PRUNED") -> None:
+        super().__init__(message)
+        self.state = state
+
+
 def format_path(path: KeyPath) -> str:
     """Render a key path as ``stages[2].params.epochs``."""
     out = ""

@@ -80,6 +80,7 @@ class StageRegistrar(Protocol):
         run: StageFunction | str,
         params: type[Params] | None = None,
         description: str = "",
+        runs_previous: bool = False,
     ) -> None:
         """Register stage implementation ``name`` for stage ``kind``.
 
@@ -89,6 +90,10 @@ class StageRegistrar(Protocol):
         :param run: ``run(context, params)`` or a ``"module:function"`` string.
         :param params: a :class:`dlpipe.Params` subclass; ``None`` means no parameters.
         :param description: one line for ``dlpipe plugins`` and the JSON Schema.
+        :param runs_previous: the stage drives the stages listed before it instead of
+            the engine, as a tuner does (once per trial, each a nested run through
+            :func:`dlpipe.engine.run_nested`). The engine then starts the pipeline with
+            this stage; stages after it run normally. A spec may hold one such stage.
         """
 
 

@@ -7,6 +7,9 @@ classes before anything heavy is imported, and builds ``dlpipe schema`` from the
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -14,6 +17,16 @@ class Params(BaseModel):
     """A plugin's parameters. Unknown keys are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def spec_references(self) -> Mapping[str, Sequence[Any]]:
+        """Dotted paths (``--set`` syntax) into *earlier* stages that these params
+        name, each with sample values they may write there.
+
+        Validation checks that every path exists and that the stage it points into
+        accepts every value; problems are reported at the key that names the path.
+        The tune stage returns its search space here. Default: none.
+        """
+        return {}
 
 
 class NoParams(Params):

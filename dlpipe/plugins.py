@@ -68,6 +68,7 @@ class StageEntry:
     params: type[Params]
     description: str
     plugin: str
+    runs_previous: bool = False
 
     def function(self) -> Callable[..., Any]:
         return resolve_ref(self.run, f"stage {self.kind}/{self.name}")
@@ -130,6 +131,7 @@ class Registry:
             run: Any,
             params: type[Params] | None = None,
             description: str = "",
+            runs_previous: bool = False,
         ) -> None:
             _check_name(plugin, "stage kind", kind)
             _check_name(plugin, "stage", name)
@@ -143,7 +145,9 @@ class Registry:
             table = self.stages.setdefault(kind, {})
             if name in table:
                 _duplicate(f"stage '{name}' of kind '{kind}'", table[name].plugin, plugin)
-            table[name] = StageEntry(kind, name, run, params, description, plugin)
+            table[name] = StageEntry(
+                kind, name, run, params, description, plugin, bool(runs_previous)
+            )
 
         return register
 
@@ -264,6 +268,8 @@ class PluginHost:
     pm: pluggy.PluginManager
     registry: Registry
     plugins: list[PluginInfo]
+    #: The ``--plugins-dir`` folders this host loaded (tune workers load the same).
+    plugin_dirs: list[str] = field(default_factory=list)
 
     @property
     def hook(self) -> Any:
@@ -433,7 +439,7 @@ def load_plugins(
 
     registry = Registry()
     _collect(pm, registry)
-    return PluginHost(pm, registry, loader.infos)
+    return PluginHost(pm, registry, loader.infos, [str(d.resolve()) for d in dirs])
 
 
 def _collect(pm: pluggy.PluginManager, registry: Registry) -> None:

@@ -14,6 +14,7 @@ Dotted paths
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -170,6 +171,12 @@ class TrackingSpec(BaseModel):
         None, description="Artifact root for new experiments. Default: mlruns/artifacts."
     )
     run_name: str | None = Field(None, description="MLflow run name. Default: the spec's name.")
+    attach_run_id: str | None = Field(
+        None,
+        description="Log into this existing MLflow run instead of starting one, and leave "
+        "it open. Tune workers started by --workers use it to nest their trials under "
+        "the study's run.",
+    )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
     log_model: bool = Field(True, description="Log the trained model as an artifact.")
     mlflow_flavor: bool = Field(
@@ -649,6 +656,8 @@ def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = (
             problems.extend(pydantic_problems(exc, s_entry.params, ("strategy", "params"), doc))
 
     problems.extend(_cross_stage_problems(stages, registry, doc))
+    problems.extend(_driver_problems(stages, registry, doc))
+    problems.extend(_reference_problems(stages, registry, doc))
     if problems:
         raise SpecError(source, problems)
     assert strategy_params is not None
@@ -688,6 +697,122 @@ def _cross_stage_problems(
                     )
                 )
     return problems
+
+
+def _driver_problems(
+    stages: list[ResolvedStage], registry: Registry, doc: YamlDocument
+) -> list[Problem]:
+    """At most one stage may drive the stages before it, and it needs some."""
+    problems: list[Problem] = []
+    drivers = []
+    for stage in stages:
+        entry = registry.lookup_stage(stage.kind, stage.use)
+        if entry is not None and entry.runs_previous:
+            drivers.append(stage)
+    for extra in drivers[1:]:
+        path: KeyPath = ("stages", extra.index, "kind")
+        problems.append(Problem(
+            path, f"only one stage may run the stages before it; {drivers[0].id!r} already does",
+            doc.locate(path), expected="a single tune stage", label=extra.id))
+    if drivers and drivers[0].index == 0:
+        path = ("stages", 0, "kind")
+        problems.append(Problem(
+            path, f"stage {drivers[0].id!r} runs the stages before it, but it is the first",
+            doc.locate(path), expected="data, model and train stages before it",
+            label=drivers[0].id))
+    return problems
+
+
+def _reference_problems(
+    stages: list[ResolvedStage], registry: Registry, doc: YamlDocument
+) -> list[Problem]:
+    """Check the dotted paths that params name (a search space): each must point into
+    an earlier stage, and that stage must accept every value it may be given."""
+    problems: list[Problem] = []
+    data = doc.data
+    by_index = {s.index: s for s in stages}
+    model_stage = next((s for s in stages if s.kind == "model"), None)
+    model_entry = registry.models.get(model_stage.use) if model_stage else None
+    for stage in stages:
+        for dotted, values in stage.params.spec_references().items():
+            where = _key_naming(doc, stage.index, dotted)
+            label = f"{stage.id}: {dotted}"
+
+            def problem(message: str, **kw: Any) -> None:
+                problems.append(Problem(where, message, doc.locate(where), label=label, **kw))  # noqa: B023
+
+            try:
+                path = resolve_path(data, dotted)
+            except DlpipeError as exc:
+                head = dotted.split(".")[0]
+                choices = [k for k in TOP_LEVEL_KEYS if k != "stages"] + stage_ids(data)
+                problem(
+                    f"path {dotted!r} points nowhere: {head!r} is neither a top-level key "
+                    "nor a stage name" if head not in choices else str(exc),
+                    suggestions=close_matches(head, choices), available=choices,
+                )
+                continue
+            if path[0] != "stages":
+                if path[0] != "seed":
+                    problem(f"path {dotted!r} cannot be searched", expected="a stage parameter or seed")
+                continue
+            target = by_index.get(int(path[1]))
+            if int(path[1]) >= stage.index:
+                problem(
+                    f"path {dotted!r} points into stage {dotted.split('.')[0]!r}, which does "
+                    f"not run before {stage.id!r}",
+                    expected=f"a parameter of a stage listed before {stage.id!r}",
+                )
+                continue
+            if target is None:
+                continue  # that stage has problems of its own
+            entry = registry.lookup_stage(target.kind, target.use)
+            assert entry is not None
+            rel = path[3:]
+            if path[2] == "use":
+                names = registry.stage_names(target.kind)
+                for value in values:
+                    if value not in names:
+                        problem(f"path {dotted!r}: {value!r} is not a registered {target.kind}",
+                                suggestions=close_matches(str(value), names), available=names)
+                continue
+            raw_stage = data["stages"][target.index]
+            for value in values:
+                raw_params = copy.deepcopy(raw_stage.get("params") or {})
+                try:
+                    set_path(raw_params, rel, value)
+                    entry.params.model_validate(raw_params)
+                except DlpipeError as exc:
+                    problem(f"path {dotted!r}: {exc}")
+                    break
+                except ValidationError as exc:
+                    first = pydantic_problems(exc, entry.params, (), YamlDocument(raw_params, {}, ""))[0]
+                    bad = format_path(first.path)
+                    problem(
+                        f"path {dotted!r} with value {value!r}: {bad}: {first.message}",
+                        expected=first.expected, suggestions=first.suggestions,
+                        available=first.available,
+                    )
+                    break
+            if (
+                len(rel) == 2 and rel[0] == "loss_weights" and model_entry is not None
+                and model_entry.loss_terms and rel[1] not in model_entry.loss_terms
+            ):
+                problem(
+                    f"path {dotted!r}: model {model_entry.name!r} has no loss term {rel[1]!r}",
+                    suggestions=close_matches(str(rel[1]), model_entry.loss_terms),
+                    available=list(model_entry.loss_terms),
+                )
+    return problems
+
+
+def _key_naming(doc: YamlDocument, index: int, dotted: str) -> KeyPath:
+    """The key path, inside stage ``index``'s params, of the key spelled ``dotted``."""
+    base = ("stages", index, "params")
+    for path in doc.positions:
+        if path[:3] == base and path and path[-1] == dotted:
+            return path
+    return base
 
 
 def spec_plugins(doc: YamlDocument) -> list[str]:
