@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a pipeline", description="Validate, then run every stage of a pipeline and track it in MLflow.")
     _add_spec_options(p)
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="tune stage: run trials in N processes sharing the study (sets <tune>.workers)",
+    )
 
     p = sub.add_parser("validate", parents=[common], help="check a spec without running it", description="Check a spec: structure, every use: resolves, every plugin's params validate. Does not import TensorFlow.")
     _add_spec_options(p)
@@ -102,6 +108,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from dlpipe.spec import apply_overrides, read_spec_file, spec_plugins, validate
 
     doc = read_spec_file(args.spec)
+    if getattr(args, "workers", None) is not None:
+        args.overrides = [*args.overrides, f"{_tune_stage_id(doc, args.workers)}.workers={args.workers}"]
     apply_overrides(doc, args.overrides)
     host = load_plugins(
         plugin_dirs=args.plugins_dir,
@@ -109,6 +117,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         spec_dir=Path(args.spec).resolve().parent,
     )
     return validate(doc, host.registry, args.overrides), host
+
+
+def _tune_stage_id(doc: Any, workers: int) -> str:
+    from dlpipe.errors import DlpipeError
+
+    if workers < 1:
+        raise DlpipeError(f"--workers {workers}: expected a number of processes >= 1")
+    stages = doc.data.get("stages") if isinstance(doc.data, dict) else None
+    for stage in stages if isinstance(stages, list) else []:
+        if isinstance(stage, dict) and stage.get("kind") == "tune":
+            return str(stage.get("name") or "tune")
+    raise DlpipeError(f"--workers: {doc.source} has no tune stage; workers run tuning trials")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -132,7 +132,8 @@ def run_nested(
 
 
 def _safe_on_run_error(ctx: RunContext, exc: BaseException) -> None:
-    for impl in ctx.hook.on_run_error.get_hookimpls():
+    # pluggy lists implementations in reverse call order (tryfirst ones last).
+    for impl in reversed(ctx.hook.on_run_error.get_hookimpls()):
         try:
             impl.function(context=ctx, error=exc)
         except Exception:  # an error handler must not mask the original error
