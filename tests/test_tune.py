@@ -260,3 +260,49 @@ def test_two_workers_share_exactly_n_trials(workdir):
     _, parents, children = mlflow_runs()
     assert len(parents) == 1 and len(children) == 5  # the worker's trials nest in one run
     assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_trial_is_failed_and_retried(workdir):
+    """Two `dlpipe run` processes share a study; one is SIGKILLed mid-trial. The other
+    sees its heartbeat stop, marks that trial failed, runs it again and completes."""
+    import signal
+    import time
+
+    import optuna
+
+    spec = write_spec(workdir / "t.yaml", BASIC.replace("n_trials: 2", """n_trials: 3
+heartbeat_interval: 1
+grace_period: 4"""))
+    cmd = [sys.executable, "-m", "dlpipe", "run", spec, "--set", "train.epochs=8", "--no-track"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    survivor = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        killed = None
+        deadline = time.time() + 180
+        while killed is None and time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                study = load_study()
+            except (AssertionError, KeyError, optuna.exceptions.StorageInternalError):
+                continue
+            for t in study.get_trials(deepcopy=False):
+                if t.state.name == "RUNNING" and t.user_attrs.get("dlpipe.pid") == victim.pid:
+                    victim.send_signal(signal.SIGKILL)
+                    killed = t.number
+        assert killed is not None, "the victim never ran a trial"
+        out, _ = survivor.communicate(timeout=300)
+    finally:
+        for proc in (victim, survivor):
+            if proc.poll() is None:
+                proc.kill()
+    assert survivor.returncode == 0, out[-3000:]
+    trials = load_study().trials
+    by_state = {}
+    for t in trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert [t.number for t in by_state["FAIL"]] == [killed]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert len(by_state["COMPLETE"]) == 3  # the budget, with the killed trial run again

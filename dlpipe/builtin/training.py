@@ -70,6 +70,9 @@ class KerasFitParams(Params):
     checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
     resume: bool = Field(True, description="BackupAndRestore: a re-run of a killed run resumes.")
     nan_guard: bool = Field(True, description="Stop and fail when any logged loss is NaN/inf.")
+    save_model: bool = Field(
+        True, description="Save model/model.keras and log it (tuning trials skip it)."
+    )
     shuffle: bool = True
     verbose: Literal["auto", 0, 1, 2] = Field(
         "auto", description="Keras progress output: auto is a bar in a terminal, else a line per epoch."

@@ -322,6 +322,8 @@ def keras_fit(ctx: Any, params: Any) -> None:
             f"stopped. Checkpoints so far are kept in {run_dir / 'checkpoints'}. "
             "Try a lower learning rate or gradient clipping (optimizer.clipnorm)."
         )
+    if not params.save_model:
+        return
     model_dir = run_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "model.keras"

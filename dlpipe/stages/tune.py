@@ -250,17 +250,20 @@ def suggest(trial: optuna.Trial, params: TuneParams) -> dict[str, Any]:
     return values
 
 
-def derive_spec(spec: ResolvedSpec, registry: Any, values: dict[str, Any], quiet: bool) -> ResolvedSpec:
+def derive_spec(spec: ResolvedSpec, registry: Any, values: dict[str, Any], trial: bool) -> ResolvedSpec:
     """The spec with ``values`` written at their dotted paths, validated again."""
     raw = copy.deepcopy(spec.raw)
     for dotted, value in values.items():
         set_path(raw, resolve_path(raw, dotted), value)
-    if quiet:  # one line per trial instead of Keras's per-epoch lines
+    if trial:
+        # One line per trial instead of Keras's per-epoch lines, and no saved model
+        # per trial: the study's result is a configuration (refit: true trains it).
         for stage in spec.stages:
             entry = registry.lookup_stage(stage.kind, stage.use)
-            if entry is not None and "verbose" in entry.params.model_fields:
-                raw["stages"][stage.index].setdefault("params", {})
-                raw["stages"][stage.index]["params"]["verbose"] = 0
+            fields = entry.params.model_fields if entry is not None else {}
+            for key, value in (("verbose", 0), ("save_model", False)):
+                if key in fields:
+                    raw["stages"][stage.index].setdefault("params", {})[key] = value
     return validate(YamlDocument(raw, {}, spec.source), registry, spec.overrides)
 
 
@@ -457,10 +460,11 @@ class Study:
         self.mine += 1
         values = suggest(trial, self.params)
         trial.set_user_attr("dlpipe.worker", self.worker)
+        trial.set_user_attr("dlpipe.pid", os.getpid())
         link = TrialRun(trial, self.params, self._prune_metric())
         self.current = (link, values, time.monotonic())
         try:
-            spec = derive_spec(self.spec, self.ctx.plugins.registry, values, quiet=True)
+            spec = derive_spec(self.spec, self.ctx.plugins.registry, values, trial=True)
             stages = [s for s in spec.stages[: self.stage.index] if s.index >= len(self.prefix)]
             reset_backend(spec.model.seed)
             run_nested(
@@ -724,7 +728,7 @@ def refit(ctx: Any, study: Study) -> None:
     else:
         best = s.best_trial
     values = _decoded(best.params)
-    spec = derive_spec(study.spec, ctx.plugins.registry, values, quiet=False)
+    spec = derive_spec(study.spec, ctx.plugins.registry, values, trial=False)
     print(f"tune: refitting trial {best.number}'s configuration on train+val: {values}", flush=True)
     ctx.tags["dlpipe.refit_trial"] = str(best.number)
     if study.base_data is not None:
