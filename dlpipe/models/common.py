@@ -5,7 +5,8 @@ a hand-written loss must do both explicitly. A typical ``train_step``::
 
     with tf.GradientTape() as tape:
         total, terms = self.loss_terms(x, training=True)
-    apply_gradients(self.optimizer, tape, replica_scaled(total), self.trainable_variables)
+        scaled = replica_scaled(total)  # inside the tape, or no gradient reaches it
+    apply_gradients(self.optimizer, tape, scaled, self.trainable_variables)
 
 Loss-term weights live in non-trainable variables (:func:`make_term_weights`) that the
 model exposes as ``term_weights``; the train stage assigns a spec's ``loss_weights``
