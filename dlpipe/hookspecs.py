@@ -111,6 +111,7 @@ class ModelRegistrar(Protocol):
         plots: ModelPlots | str | None = None,
         example_params: Mapping[str, Any] | None = None,
         callbacks: ModelCallbacks | str | None = None,
+        example_data: Callable[[], Any] | str | None = None,
     ) -> None:
         """Register architecture ``name``, used by a spec as ``kind: model, use: NAME``.
 
@@ -130,6 +131,10 @@ class ModelRegistrar(Protocol):
         :param callbacks: ``callbacks(context, model, data)`` returning Keras callbacks
             the train stage adds to ``fit``, for example one that logs a sample grid
             every few epochs with ``context.log_figure``. Called once per training run.
+        :param example_data: ``example_data()`` returning a small
+            :class:`dlpipe.data.DataBundle` the conformance test trains on, for models
+            that cannot use the default random 8x8 images (sequence models need token
+            ids and vocabularies).
         """
 
 

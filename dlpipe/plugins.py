@@ -86,6 +86,7 @@ class ModelEntry:
     plots: Callable[..., Any] | str | None = None
     example_params: Mapping[str, Any] | None = None
     callbacks: Callable[..., Any] | str | None = None
+    example_data: Callable[..., Any] | str | None = None
 
     def builder(self) -> Callable[..., Any]:
         return resolve_ref(self.build, f"model {self.name}")
@@ -162,6 +163,7 @@ class Registry:
             plots: Any = None,
             example_params: Mapping[str, Any] | None = None,
             callbacks: Any = None,
+            example_data: Any = None,
         ) -> None:
             _check_name(plugin, "model", name)
             _check_callable(plugin, f"model {name}", build)
@@ -169,6 +171,8 @@ class Registry:
                 _check_callable(plugin, f"plots of model {name}", plots)
             if callbacks is not None:
                 _check_callable(plugin, f"callbacks of model {name}", callbacks)
+            if example_data is not None:
+                _check_callable(plugin, f"example_data of model {name}", example_data)
             params = _check_params(plugin, f"model {name}", params)
             if isinstance(loss_terms, str) or not all(isinstance(t, str) for t in loss_terms):
                 raise PluginError(
@@ -178,7 +182,7 @@ class Registry:
                 _duplicate(f"model '{name}'", self.models[name].plugin, plugin)
             self.models[name] = ModelEntry(
                 name, build, params, description, plugin, task, tuple(loss_terms), plots,
-                example_params, callbacks,
+                example_params, callbacks, example_data,
             )
 
         return register

@@ -57,6 +57,10 @@ def check_architecture(entry: Any, data: DataBundle | None = None, batch_size: i
     from dlpipe.stages.train import default_loss
 
     params = entry.params.model_validate(dict(entry.example_params or {}))
+    if data is None and entry.example_data is not None:
+        from dlpipe.plugins import resolve_ref
+
+        data = resolve_ref(entry.example_data, f"example_data of {entry.name}")()
     data = data or synthetic_bundle(entry.task)
     keras.utils.set_random_seed(0)
     model = entry.builder()(params, data)

@@ -12,5 +12,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dlpipe.builtin.evaluation",
     "dlpipe.builtin.strategies",
     "dlpipe.builtin.tracking",
+    "dlpipe.builtin.tune",
     "dlpipe.builtin.vae",
+    "dlpipe.builtin.generative",
+    "dlpipe.builtin.sequence",
 )

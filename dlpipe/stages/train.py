@@ -210,6 +210,8 @@ def default_loss(task: str) -> tuple[str | None, list[str]]:
         return "sparse_categorical_crossentropy", ["accuracy"]
     if task == "regression":
         return "mse", ["mae"]
+    if task == "seq2seq":  # token ids as targets; sequence models add their own metrics
+        return "sparse_categorical_crossentropy", []
     return None, []
 
 

@@ -1,0 +1,136 @@
+"""The ``seq2seq_report`` evaluation stage for encoder-decoder models.
+
+Decodes a split greedily (autoregressively, never teacher-forced) and logs
+
+* ``<split>_sequence_accuracy``: share of outputs whose text equals the target;
+* ``<split>_token_accuracy``: share of target tokens (with the end token) decoded at
+  their position;
+* ``<split>_loss``: the teacher-forced loss of ``model.evaluate``;
+* with ``beam_width > 0`` also ``<split>_beam_sequence_accuracy``;
+
+and the artifacts ``report/examples.md`` (a table of sources, targets and outputs),
+``plots/accuracy_by_length.png`` (sequence accuracy per source length),
+``plots/learning_curves.png`` and the model's attention heat-maps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlpipe.errors import DlpipeError
+from dlpipe.models.decoding import beam_search, greedy_decode, sequence_scores
+from dlpipe.plotting import learning_curves_figure
+from dlpipe.stages.sequence_data import PAD_ID, SeqBundle
+
+
+def _markdown_cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else "(empty)"
+
+
+def examples_table(sources: list[str], targets: list[str], outputs: list[str]) -> str:
+    """A markdown table: source, target, output and whether they match."""
+    lines = ["| # | source | target | output | ok |", "|---|---|---|---|---|"]
+    for i, (s, t, o) in enumerate(zip(sources, targets, outputs, strict=True)):
+        lines.append(f"| {i} | {_markdown_cell(s)} | {_markdown_cell(t)} | "
+                     f"{_markdown_cell(o)} | {'yes' if o == t else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_by_length(lengths: np.ndarray, correct: np.ndarray) -> dict[int, tuple[float, int]]:
+    """Sequence accuracy and count for each source length."""
+    return {
+        int(n): (float(correct[lengths == n].mean()), int((lengths == n).sum()))
+        for n in np.unique(lengths)
+    }
+
+
+def _length_figure(table: dict[int, tuple[float, int]], title: str) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    lengths = sorted(table)
+    ax.bar(lengths, [table[n][0] for n in lengths], color="tab:blue")
+    for n in lengths:
+        ax.annotate(str(table[n][1]), (n, table[n][0]), ha="center", va="bottom", fontsize=6)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("source length (tokens); bar labels: examples")
+    ax.set_ylabel("sequence accuracy")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def seq2seq_report(ctx: Any, params: Any) -> None:
+    model, data = ctx.model, ctx.data
+    if model is None or not isinstance(data, SeqBundle):
+        raise DlpipeError(
+            f"stage {ctx.stage.id!r}: seq2seq_report needs a sequence data stage "
+            "(seq_addition, seq_dates, ...) and a trained seq2seq or transformer model"
+        )
+    split = params.split
+    if data.size(split) == 0:
+        raise DlpipeError(
+            f"stage {ctx.stage.id!r}: the {split!r} split is empty; set a non-zero "
+            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or decode "
+            "another split (params.split)"
+        )
+    assert data.source_vocab is not None and data.target_vocab is not None
+    x = np.asarray(data.x[split], dtype=np.int32)
+    y = np.asarray(data.y[split], dtype=np.int32)
+    sources, targets = data.texts[split]
+
+    predicted = greedy_decode(model, x, batch_size=params.batch_size)
+    outputs = [data.target_vocab.decode(row) for row in predicted]
+    correct = np.array([o == t for o, t in zip(outputs, targets, strict=True)])
+    _, token_accuracy = sequence_scores(predicted, y)
+    metrics = {
+        f"{split}_sequence_accuracy": float(correct.mean()),
+        f"{split}_token_accuracy": token_accuracy,
+    }
+    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True,
+                             verbose=0)
+    if "loss" in results:
+        metrics[f"{split}_loss"] = float(results["loss"])
+    if params.beam_width > 0:
+        beams = beam_search(model, x, beam_width=params.beam_width)
+        beam_outputs = [data.target_vocab.decode(row) for row in beams]
+        metrics[f"{split}_beam_sequence_accuracy"] = float(
+            np.mean([o == t for o, t in zip(beam_outputs, targets, strict=True)])
+        )
+    ctx.log_metrics(metrics)
+    width = max(len(k) for k in metrics)
+    print(f"seq2seq_report ({split}, {len(x)} examples, greedy decoding):")
+    for key, value in metrics.items():
+        print(f"  {key:<{width}}  {value:.4f}")
+
+    n = min(params.examples, len(x))
+    if n:
+        wrong = [i for i in range(len(x)) if not correct[i]]
+        rows = list(range(n - min(len(wrong), n // 2))) + wrong[: n // 2]
+        rows = sorted(set(rows))[:n]
+        table = examples_table([sources[i] for i in rows], [targets[i] for i in rows],
+                               [outputs[i] for i in rows])
+        path = Path(ctx.run_dir) / "report" / "examples.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = (f"# {data.name}: greedy decoding of the {split} split\n\n"
+                  + "".join(f"- {k}: {v:.4f}\n" for k, v in metrics.items())
+                  + "\nFirst examples, then some mistakes.\n\n")
+        path.write_text(header + table, encoding="utf-8")
+        ctx.log_artifact(path, "report")
+        print(table if n <= 10 else "\n".join(table.splitlines()[: 12]) + "\n  ...")
+
+    lengths = (x != PAD_ID).sum(axis=1)
+    by_length = accuracy_by_length(lengths, correct)
+    ctx.log_figure(_length_figure(by_length, f"{data.name}: {split} accuracy by source length"),
+                   "accuracy_by_length.png")
+    if params.learning_curves and ctx.history:
+        ctx.log_figure(learning_curves_figure(ctx.history), "learning_curves.png")
+    if params.attention_maps:
+        entry = ctx.model_entry()
+        plotter = entry.plotter() if entry else None
+        if plotter is not None:
+            for filename, figure in plotter(ctx, model, data):
+                ctx.log_figure(figure, filename)
