@@ -15,5 +15,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dlpipe.builtin.tune",
     "dlpipe.builtin.vae",
     "dlpipe.builtin.generative",
+    "dlpipe.builtin.vision",
     "dlpipe.builtin.sequence",
 )
