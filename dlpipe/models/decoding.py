@@ -144,12 +144,12 @@ class EncoderDecoder(keras.Model):
 
     # -- to implement ----------------------------------------------------------------
     def encode(self, encoder_ids: Any, training: bool | None = None) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define encode()")
 
     def decode(
         self, memory: Any, encoder_ids: Any, decoder_ids: Any, training: bool | None = None
     ) -> tuple[Any, Any]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define decode()")
 
     # -- Keras -----------------------------------------------------------------------
     def call(self, inputs: Any, training: bool | None = None) -> Any:
