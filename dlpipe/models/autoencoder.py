@@ -24,7 +24,7 @@ import numpy as np
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import make_term_weights, replica_scaled
+from dlpipe.models.common import encoder_trunk, make_term_weights, replica_scaled
 from dlpipe.models.vae import build_decoder
 
 LOSS_TERMS = ("reconstruction",)
@@ -129,17 +129,7 @@ def build_encoder(
 ) -> keras.Model:
     """``x -> z``: Dense layers, or stride-2 Conv2D blocks, then a linear Dense."""
     inputs = keras.Input(shape=input_shape, name="x")
-    h = inputs
-    if kind == "conv":
-        for i, filters in enumerate(hidden):
-            h = layers.Conv2D(
-                filters, 3, strides=2, padding="same", activation=activation, name=f"conv_{i}"
-            )(h)
-        h = layers.Flatten(name="flatten")(h)
-    else:
-        h = layers.Flatten(name="flatten")(h)
-        for i, units in enumerate(hidden):
-            h = layers.Dense(units, activation=activation, name=f"dense_{i}")(h)
+    h = encoder_trunk(inputs, kind, hidden, activation)
     z = layers.Dense(latent_dim, dtype="float32", name="z")(h)
     return keras.Model(inputs, z, name="encoder")
 

@@ -88,3 +88,19 @@ def set_term_weights(model: Any, weights: Mapping[str, float]) -> None:
         )
     for name, value in weights.items():
         terms[name].assign(float(value))
+
+
+def encoder_trunk(inputs: Any, kind: str, hidden: Iterable[int], activation: str) -> Any:
+    """The shared body of the autoencoder and VAE encoders: stride-2 ``Conv2D`` blocks
+    (``kind="conv"``) or ``Dense`` layers, flattened for the latent head."""
+    h = inputs
+    if kind == "conv":
+        for i, filters in enumerate(hidden):
+            h = keras.layers.Conv2D(
+                filters, 3, strides=2, padding="same", activation=activation, name=f"conv_{i}"
+            )(h)
+        return keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    for i, units in enumerate(hidden):
+        h = keras.layers.Dense(units, activation=activation, name=f"dense_{i}")(h)
+    return h

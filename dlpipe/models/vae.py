@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from dlpipe.models.common import apply_gradients, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, encoder_trunk, make_term_weights, replica_scaled
 
 LOSS_TERMS = ("reconstruction", "kl")
 
@@ -199,17 +199,7 @@ def build_encoder(
 ) -> keras.Model:
     """``x -> (z_mean, z_log_var)``: Dense layers, or stride-2 Conv2D blocks."""
     inputs = keras.Input(shape=input_shape, name="x")
-    h = inputs
-    if kind == "conv":
-        for i, filters in enumerate(hidden):
-            h = layers.Conv2D(
-                filters, 3, strides=2, padding="same", activation=activation, name=f"conv_{i}"
-            )(h)
-        h = layers.Flatten(name="flatten")(h)
-    else:
-        h = layers.Flatten(name="flatten")(h)
-        for i, units in enumerate(hidden):
-            h = layers.Dense(units, activation=activation, name=f"dense_{i}")(h)
+    h = encoder_trunk(inputs, kind, hidden, activation)
     # float32 heads: exp(z_log_var) must not overflow under mixed precision.
     z_mean = layers.Dense(latent_dim, dtype="float32", name="z_mean")(h)
     z_log_var = layers.Dense(latent_dim, dtype="float32", name="z_log_var")(h)
