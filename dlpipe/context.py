@@ -29,6 +29,9 @@ class RunContext:
     strategy: Any = None
     data: DataBundle | None = None
     model: Any = None
+    #: Every model built so far in this run, by model stage id (a later model stage,
+    #: latent diffusion for one, may use an earlier stage's trained model).
+    models: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
@@ -53,8 +56,12 @@ class RunContext:
         return self.spec.model.seed
 
     def model_entry(self) -> Any:
-        """The registry entry of the architecture the model stage built, if any."""
-        stage = next((s for s in self.spec.stages if s.kind == "model"), None)
+        """The registry entry of the architecture of :attr:`model`: the last model stage
+        before the current stage (or in the whole spec, between stages), if any."""
+        stages = list(self.spec.stages)
+        if self.stage is not None:
+            stages = stages[: self.stage.index + 1]
+        stage = next((s for s in reversed(stages) if s.kind == "model"), None)
         return self.plugins.registry.models.get(stage.use) if stage else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

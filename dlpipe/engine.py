@@ -22,13 +22,16 @@ def run_dir_for(spec: ResolvedSpec) -> Path:
     return paths.home() / "runs" / f"{slug}-{spec.digest()}"
 
 
-def configure_backend(seed: int) -> None:
-    """Quiet TensorFlow's start-up chatter and seed every generator."""
+def configure_backend(seed: int, precision: str = "float32") -> None:
+    """Quiet TensorFlow's start-up chatter, seed every generator, set the dtype policy."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
     keras.utils.set_random_seed(seed)
+    # Global in Keras; set on every run so one mixed-precision run does not leak into
+    # the next one in the same process (tests, tuning trials).
+    keras.mixed_precision.set_global_policy(precision)
 
 
 def create_strategy(spec: ResolvedSpec, plugins: PluginHost) -> Any:
@@ -74,7 +77,7 @@ def run_pipeline(spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None =
     # work in parallel with the import, and a failing strategy is recorded like any error.
     ctx.hook.before_run(context=ctx)
     try:
-        configure_backend(spec.model.seed)
+        configure_backend(spec.model.seed, spec.model.precision)
         ctx.strategy = create_strategy(spec, plugins)
         for stage in spec.stages[first:]:
             run_stage(ctx, stage)

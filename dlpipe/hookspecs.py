@@ -117,7 +117,11 @@ class ModelRegistrar(Protocol):
 
         :param build: ``build(params, data)`` returning an uncompiled ``keras.Model``;
             ``data`` is the :class:`dlpipe.data.DataBundle` of the data stage. It is
-            called inside the distribution strategy's scope.
+            called inside the distribution strategy's scope. A builder that declares a
+            third parameter (``build(params, data, context)``) also gets the
+            :class:`~dlpipe.context.RunContext`, e.g. to use a model an earlier stage
+            trained (``context.models[stage_id]``); the conformance test passes
+            ``None`` there.
         :param task: ``classification``, ``regression``, ``generative``, ... The
             evaluate stage uses it to pick generic plots (a confusion matrix for
             ``classification``) and the default loss.

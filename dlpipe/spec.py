@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -153,7 +153,9 @@ def read_spec_file(path: str | Path) -> YamlDocument:
 # Structure of a spec
 # --------------------------------------------------------------------------------------
 
-TOP_LEVEL_KEYS = ("name", "experiment", "seed", "strategy", "tracking", "plugins", "stages")
+TOP_LEVEL_KEYS = (
+    "name", "experiment", "seed", "precision", "strategy", "tracking", "plugins", "stages"
+)
 
 
 class TrackingSpec(BaseModel):
@@ -214,6 +216,11 @@ class SpecModel(BaseModel):
     name: str = Field(description="Pipeline name; also the default MLflow run name.")
     experiment: str | None = Field(None, description="MLflow experiment. Default: the name.")
     seed: int = Field(0, description="Global seed for Python, NumPy and the backend.")
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "float32",
+        description="Keras dtype policy. mixed_float16 computes in float16 with float32 "
+        "weights and dynamic loss scaling (models with their own train_step apply it too).",
+    )
     strategy: str | StrategySpec = Field(
         "auto", description="Distribution strategy: auto, cpu, one_device, mirrored, ..."
     )
@@ -313,7 +320,7 @@ def flatten_params(resolved: ResolvedSpec) -> dict[str, Any]:
     """The resolved spec as ``{dotted.path: value}``, in the ``--set`` path syntax."""
     full = resolved.resolved_dict()
     out: dict[str, Any] = {}
-    for key in ("name", "experiment", "seed"):
+    for key in ("name", "experiment", "seed", "precision"):
         out[key] = full[key]
     out["strategy"] = full["strategy"]["use"]
     for k, v in flatten(full["strategy"]["params"], "strategy"):

@@ -63,7 +63,10 @@ def check_architecture(entry: Any, data: DataBundle | None = None, batch_size: i
         data = resolve_ref(entry.example_data, f"example_data of {entry.name}")()
     data = data or synthetic_bundle(entry.task)
     keras.utils.set_random_seed(0)
-    model = entry.builder()(params, data)
+    from dlpipe.stages.model import wants_context
+
+    build = entry.builder()
+    model = build(params, data, None) if wants_context(build) else build(params, data)
     assert isinstance(model, keras.Model), f"{entry.name}: build must return a keras.Model"
     own_loss = bool(getattr(model, "term_weights", None))
     loss, metrics = (None, []) if own_loss else default_loss(entry.task)

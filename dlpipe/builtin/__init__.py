@@ -17,4 +17,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dlpipe.builtin.generative",
     "dlpipe.builtin.vision",
     "dlpipe.builtin.sequence",
+    "dlpipe.builtin.shapes",
+    "dlpipe.builtin.superres",
+    "dlpipe.builtin.diffusion",
+    "dlpipe.builtin.quality",
+    "dlpipe.builtin.segmentation",
+    "dlpipe.builtin.detection",
+    "dlpipe.builtin.vit",
+    "dlpipe.builtin.multimodal",
 )

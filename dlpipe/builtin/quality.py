@@ -1,0 +1,1 @@
+"""Placeholder: this plugin module is being written."""
