@@ -39,7 +39,7 @@ class Scene:
     def caption(self) -> str:
         """``"a red circle"``, or ``"a red circle and a blue square"`` for several."""
         names = list(COLORS)
-        parts = [f"a {names[c]} {SHAPES[s]}" for s, c in zip(self.shapes, self.colors)]
+        parts = [f"a {names[c]} {SHAPES[s]}" for s, c in zip(self.shapes, self.colors, strict=True)]
         return " and ".join(parts)
 
 
@@ -57,7 +57,7 @@ class Scenes:
         out = np.full((len(self.scenes), max_objects, 5), -1.0, dtype=np.float32)
         out[..., 1:] = 0.0
         for i, scene in enumerate(self.scenes):
-            for j, (shape, box) in enumerate(zip(scene.shapes, scene.boxes)):
+            for j, (shape, box) in enumerate(zip(scene.shapes, scene.boxes, strict=True)):
                 out[i, j, 0] = shape
                 out[i, j, 1:] = np.asarray(box, dtype=np.float32) / size
         return out
@@ -123,7 +123,7 @@ def generate_scenes(
     scenes: list[Scene] = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        level = {"dark": 0.05, "light": 0.9}.get(background, None)
+        level = {"dark": 0.05, "light": 0.9}.get(background)
         grey = rng.uniform(0.0, 0.5) if level is None else level
         image = np.full((size, size, 3), grey, dtype=np.float32)
         scene = Scene()
