@@ -15,9 +15,10 @@ class DataBundle:
     """Arrays for each split plus what models need to know about them.
 
     ``x[split]`` are float32 features (images are ``(n, height, width, channels)``),
-    ``y[split]`` integer labels or targets (or ``None``). :meth:`dataset` turns a
-    split into a batched ``tf.data`` pipeline; augmentation layers added by augment
-    stages run inside it, on the training split only.
+    ``y[split]`` integer labels or targets (or ``None``), and the optional
+    ``weights[split]`` float32 per-example loss weights. :meth:`dataset` turns a split
+    into a batched ``tf.data`` pipeline; augmentation layers added by augment stages
+    run inside it, on the training split only.
     """
 
     x: dict[str, np.ndarray]
@@ -28,6 +29,8 @@ class DataBundle:
     value_range: tuple[float, float] = (0.0, 1.0)
     name: str = "data"
     augmenters: list[Any] = field(default_factory=list)
+    #: Per-example loss weights by split (``(n,)`` float32), or none.
+    weights: dict[str, np.ndarray | None] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -58,13 +61,21 @@ class DataBundle:
         augment: bool = False,
         drop_remainder: bool = False,
     ) -> Any:
-        """A cached, batched, prefetched ``tf.data.Dataset`` of ``(x, y)`` pairs
-        (``x`` alone when the split has no targets)."""
+        """A cached, batched, prefetched ``tf.data.Dataset`` of ``(x, y)`` pairs,
+        ``(x, y, w)`` triples when the split has sample weights, or ``x`` alone when
+        it has no targets. Keras weights each example's loss by ``w``."""
         import tensorflow as tf
 
         x = self.x[split]
         y = self.y.get(split)
-        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
+        w = self.weights.get(split)
+        if y is None:
+            items: Any = x
+        elif w is None:
+            items = (x, y)
+        else:
+            items = (x, y, np.asarray(w, dtype=np.float32))
+        ds = tf.data.Dataset.from_tensor_slices(items).cache()
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -55,6 +55,9 @@ class NpzParams(ImageParams):
     x_key: str = Field("x", description="Array name of the features.")
     y_key: str | None = Field("y", description="Array name of the labels (null: none).")
     task: Literal["classification", "regression", "unsupervised"] = "classification"
+    weight_key: str | None = Field(
+        None, description="Array name of per-example loss weights (null: none)."
+    )
 
 
 class ImageDirectoryParams(ImageParams):
@@ -65,6 +68,19 @@ class ImageDirectoryParams(ImageParams):
 
 class KerasDatasetParams(ImageParams):
     dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"
+
+
+class XorParams(SplitParams):
+    """The XOR problem: two inputs, label 1 when exactly one is on (generated)."""
+
+    layout: Literal["corners", "cloud"] = Field(
+        "corners",
+        description="corners: the four points (0,0) (0,1) (1,0) (1,1), repeated; cloud: "
+        "uniform points in [-1, 1]^2 labelled by the signs of the coordinates.",
+    )
+    repeats: int = Field(64, ge=1, description="Copies of each corner (cloud: 4 * repeats points).")
+    noise: float = Field(0.0, ge=0.0, description="Std of Gaussian noise added to the inputs.")
+    normalize: Literal["none", "minmax", "standard"] = "none"
 
 
 _IMPL = "dlpipe.stages.data"
@@ -81,3 +97,5 @@ def register_stages(register):
              "A folder of class sub-folders of images.")
     register("data", "keras_dataset", f"{_IMPL}:keras_dataset", KerasDatasetParams,
              "mnist, fashion_mnist or cifar10 via keras.datasets (network or cache).")
+    register("data", "xor", f"{_IMPL}:xor", XorParams,
+             "The XOR problem: four corners (optionally noisy) or a noisy cloud.")

@@ -32,7 +32,7 @@ class MLPParams(Params):
     depth: int = Field(2, ge=0, description="Number of hidden layers (when hidden is unset).")
     activation: str = Field("relu", description="Keras activation of the hidden layers.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
-    norm: Literal["none", "batch", "layer"] = Field(
+    norm: Literal["none", "batch", "layer", "instance"] = Field(
         "none", description="Normalization after each hidden Dense layer."
     )
 
@@ -55,6 +55,11 @@ class LeNetParams(Params):
         "and larger, same for smaller inputs.",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the output layer.")
+    norm: Literal["none", "batch", "layer", "instance"] = Field(
+        "none",
+        description="Normalization between each convolution and its activation (not in "
+        "the paper): batch, layer (over height, width, channels) or instance (per channel).",
+    )
 
 
 class AlexNetParams(Params):

@@ -104,3 +104,58 @@ def encoder_trunk(inputs: Any, kind: str, hidden: Iterable[int], activation: str
     for i, units in enumerate(hidden):
         h = keras.layers.Dense(units, activation=activation, name=f"dense_{i}")(h)
     return h
+
+
+@keras.saving.register_keras_serializable(package="dlpipe")
+class InstanceNormalization(keras.layers.Layer):
+    """Normalize each example's channels on their own (Ulyanov et al., 2016).
+
+    For a feature map ``(batch, height, width, channels)`` the mean and variance are
+    taken over height and width, separately for every example and every channel, so
+    nothing depends on the rest of the batch (unlike batch normalization) and the
+    channels keep their own statistics (unlike layer normalization). A learned
+    per-channel scale ``gamma`` and shift ``beta`` follow::
+
+        y = gamma * (x - mean_hw(x)) / sqrt(var_hw(x) + epsilon) + beta
+
+    A flat ``(batch, features)`` vector has no spatial axes; there the statistics are
+    taken over the features (one instance is the whole vector), which is layer
+    normalization with a per-feature scale and shift.
+    """
+
+    def __init__(
+        self, epsilon: float = 1e-5, center: bool = True, scale: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+
+    def build(self, input_shape: Any) -> None:
+        channels = (int(input_shape[-1]),)
+        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma") if self.scale else None
+        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta") if self.center else None
+
+    def call(self, inputs: Any) -> Any:
+        rank = len(inputs.shape)
+        axes = list(range(1, rank - 1)) if rank > 2 else [1]
+        x = keras.ops.cast(inputs, "float32")  # statistics in float32, also under mixed precision
+        mean, variance = keras.ops.moments(x, axes=axes, keepdims=True)
+        y = (x - mean) * keras.ops.rsqrt(variance + self.epsilon)
+        y = keras.ops.cast(y, self.compute_dtype)
+        if self.gamma is not None:
+            y = y * keras.ops.cast(self.gamma, y.dtype)
+        if self.beta is not None:
+            y = y + keras.ops.cast(self.beta, y.dtype)
+        return y
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+        }

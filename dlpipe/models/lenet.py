@@ -32,6 +32,10 @@ import keras
 from keras import layers
 
 from dlpipe.errors import DlpipeError
+from dlpipe.models.common import InstanceNormalization
+
+#: Batch-norm moving-average momentum (see dlpipe.models.mlp).
+BN_MOMENTUM = 0.9
 
 
 def conv_padding(params: Any, input_shape: tuple[int, ...]) -> str:
@@ -57,6 +61,21 @@ def check_input(input_shape: tuple[int, ...], padding: str, classes: int) -> Non
         )
 
 
+def conv(h: Any, filters: int, padding: str, params: Any, name: str) -> Any:
+    """A 5x5 convolution with its activation, and the optional normalization between."""
+    act = params.activation
+    if params.norm == "none":
+        return layers.Conv2D(filters, 5, padding=padding, activation=act, name=name)(h)
+    h = layers.Conv2D(filters, 5, padding=padding, use_bias=False, name=name)(h)
+    if params.norm == "batch":
+        h = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(h)
+    elif params.norm == "layer":
+        h = layers.GroupNormalization(groups=1, name=f"{name}_ln")(h)
+    else:
+        h = InstanceNormalization(name=f"{name}_in")(h)
+    return layers.Activation(act, name=f"{name}_{act}")(h)
+
+
 def build(params: Any, data: Any) -> keras.Model:
     """The registered builder: an uncompiled LeNet-5 for ``data``."""
     input_shape = tuple(data.input_shape)
@@ -66,10 +85,10 @@ def build(params: Any, data: Any) -> keras.Model:
     act = params.activation
 
     inputs = keras.Input(shape=input_shape, name="x")
-    h = layers.Conv2D(params.filters[0], 5, padding=padding, activation=act, name="c1")(inputs)
+    h = conv(inputs, params.filters[0], padding, params, "c1")
     if min(h.shape[1:3]) >= 2:
         h = layers.AveragePooling2D(2, name="s2")(h)
-    h = layers.Conv2D(params.filters[1], 5, padding=padding, activation=act, name="c3")(h)
+    h = conv(h, params.filters[1], padding, params, "c3")
     if min(h.shape[1:3]) >= 2:
         h = layers.AveragePooling2D(2, name="s4")(h)
     h = layers.Flatten(name="flatten")(h)

@@ -4,8 +4,14 @@ The simplest deep network: the input is flattened and passed through a stack of
 fully connected layers, each followed (optionally) by a normalization layer, the
 activation and dropout; a softmax layer gives the class probabilities::
 
-    x -> Flatten -> [Dense -> (BatchNorm | LayerNorm) -> activation -> Dropout] * depth
+    x -> Flatten -> [Dense -> (Batch|Layer|Instance norm) -> activation -> Dropout] * depth
       -> Dense(num_classes, softmax)
+
+``hidden: []`` leaves only the softmax layer: multinomial logistic regression, a
+linear classifier (it cannot learn XOR; one hidden layer can, see pipelines/xor.yaml).
+On a flat vector instance normalization normalizes over the features, like layer
+normalization, but with its own scale and shift per feature (see
+:class:`dlpipe.models.common.InstanceNormalization`).
 
 It works for any input shape: images are flattened, tables (iris, XOR) pass through
 unchanged. The widths are ``hidden`` (one entry per layer), or ``depth`` layers of
@@ -20,6 +26,7 @@ import keras
 from keras import layers
 
 from dlpipe.errors import DlpipeError
+from dlpipe.models.common import InstanceNormalization
 
 #: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
 #: so the inference statistics settle within the few hundred steps of a CPU-sized run.
@@ -55,6 +62,8 @@ def build(params: Any, data: Any) -> keras.Model:
             h = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"batch_norm_{i}")(h)
         elif params.norm == "layer":
             h = layers.LayerNormalization(name=f"layer_norm_{i}")(h)
+        elif params.norm == "instance":
+            h = InstanceNormalization(name=f"instance_norm_{i}")(h)
         h = layers.Activation(params.activation, name=f"{params.activation}_{i}")(h)
         if params.dropout > 0:
             h = layers.Dropout(params.dropout, name=f"dropout_{i}")(h)

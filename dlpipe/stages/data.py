@@ -87,7 +87,10 @@ def npz(ctx: Any, params: Any) -> None:
             class_names = [str(i) for i in range(int(y.max()) + 1)] if len(y) else []
         else:
             y = y.astype(np.float32)
-    _finish(ctx, params, path.stem, x, y, task, class_names)
+    weights = None
+    if params.weight_key is not None:
+        weights = _sample_weights(path, _npz_array(path, arrays, params.weight_key, "weight_key"), len(x))
+    _finish(ctx, params, path.stem, x, y, task, class_names, weights=weights)
 
 
 def image_directory(ctx: Any, params: Any) -> None:
@@ -159,6 +162,33 @@ def keras_dataset(ctx: Any, params: Any) -> None:
     _finish(ctx, params, name, x, y, "classification", list(class_names))
 
 
+XOR_CORNERS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+
+
+def xor(ctx: Any, params: Any) -> None:
+    """The XOR problem: label 1 when exactly one of two inputs is "on".
+
+    ``corners``: the four points (0,0), (0,1), (1,0), (1,1), each repeated ``repeats``
+    times, with optional Gaussian ``noise``. ``cloud``: ``4 * repeats`` points drawn
+    uniformly from [-1, 1]^2 and labelled by the signs of the two coordinates (noise
+    again blurs the inputs, after labelling). No line separates the two classes, so a
+    network without a hidden layer cannot fit it and one hidden layer can.
+    """
+    seed = params.seed if params.seed is not None else ctx.seed
+    rng = np.random.default_rng(seed)
+    n = 4 * params.repeats
+    if params.layout == "corners":
+        x = np.tile(XOR_CORNERS, (params.repeats, 1))
+        y = (x[:, 0] != x[:, 1]).astype(np.int32)
+    else:
+        x = rng.uniform(-1.0, 1.0, size=(n, 2)).astype(np.float32)
+        y = ((x[:, 0] > 0) != (x[:, 1] > 0)).astype(np.int32)
+    if params.noise > 0:
+        x = x + rng.normal(0.0, params.noise, size=x.shape).astype(np.float32)
+    order = rng.permutation(n)
+    _finish(ctx, params, "xor", x[order], y[order], "classification", ["0", "1"])
+
+
 # ------------------------------------------------------------------ shared helpers
 
 
@@ -172,11 +202,16 @@ def _finish(
     class_names: list[str],
     *,
     resize: bool = True,
+    weights: np.ndarray | None = None,
 ) -> DataBundle:
-    """Limit, resize, split, normalize; set ``ctx.data`` and report the result."""
+    """Limit, resize, split, normalize; set ``ctx.data`` and report the result.
+
+    ``weights`` (optional per-example loss weights) are split with the examples.
+    """
     if params.limit is not None:
         x = x[: params.limit]
         y = None if y is None else y[: params.limit]
+        weights = None if weights is None else weights[: params.limit]
     image = x.ndim == 4
     size = getattr(params, "image_size", None)
     if size is not None and resize:
@@ -188,7 +223,10 @@ def _finish(
 
     seed = params.seed if params.seed is not None else ctx.seed
     stratify = params.stratify and task == "classification" and y is not None
-    xs, ys = split_arrays(x, y, params.val_fraction, params.test_fraction, seed, stratify)
+    parts = split_indices(len(x), y, params.val_fraction, params.test_fraction, seed, stratify)
+    xs = {s: x[idx] for s, idx in parts.items()}
+    ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
+    ws = {s: None if weights is None else weights[idx] for s, idx in parts.items()}
     xs, value_range = normalize(xs, params.normalize, tuple(params.value_range), image=image)
 
     num_classes = len(class_names) if task == "classification" else None
@@ -200,6 +238,7 @@ def _finish(
         class_names=class_names,
         value_range=value_range,
         name=name,
+        weights=ws if weights is not None else {},
     )
     ctx.data = bundle
     ctx.extras["data"] = bundle.describe()
@@ -218,7 +257,21 @@ def split_arrays(
     stratify: bool,
 ) -> tuple[Splits, dict[str, np.ndarray | None]]:
     """A seeded train/val/test split; a fraction of 0 gives an empty split."""
-    n = len(x)
+    parts = split_indices(len(x), y, val_fraction, test_fraction, seed, stratify)
+    xs = {s: x[idx] for s, idx in parts.items()}
+    ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
+    return xs, ys
+
+
+def split_indices(
+    n: int,
+    y: np.ndarray | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    stratify: bool,
+) -> dict[str, np.ndarray]:
+    """The example indices of each split (see :func:`split_arrays`)."""
     index = np.arange(n)
     labels = y if stratify else None
 
@@ -236,10 +289,7 @@ def split_arrays(
             f"the training split is empty ({n} examples, val_fraction {val_fraction}, "
             f"test_fraction {test_fraction}); use more data or smaller fractions"
         )
-    parts = {"train": train, "val": val, "test": test}
-    xs = {s: x[idx] for s, idx in parts.items()}
-    ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
-    return xs, ys
+    return {"train": train, "val": val, "test": test}
 
 
 def _train_test_split(
@@ -349,6 +399,16 @@ def _features(path: Path, x: np.ndarray) -> np.ndarray:
         f"{path}: features have shape {x.shape}; expected (n, features), (n, h, w) "
         "or (n, h, w, channels)"
     )
+
+
+def _sample_weights(path: Path, w: np.ndarray, n: int) -> np.ndarray:
+    w = np.ravel(w) if w.ndim == 2 and w.shape[1] == 1 else w
+    if w.ndim != 1 or len(w) != n:
+        raise DlpipeError(f"{path}: sample weights have shape {w.shape}; expected ({n},)")
+    w = w.astype(np.float32)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise DlpipeError(f"{path}: sample weights must be finite and not negative")
+    return w
 
 
 def _class_labels(path: Path, key: str | None, y: np.ndarray) -> np.ndarray:

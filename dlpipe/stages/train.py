@@ -2,10 +2,23 @@
 
 Per-epoch metrics go to the ``on_metrics`` hook (MLflow logs them); nothing runs per
 batch except Keras itself.
+
+Before ``fit`` the stage applies what the spec asks of the model and the data (each
+option is described in ``docs/training.md``):
+
+* ``loss``: a Keras name, or a structured loss (:func:`dlpipe.losses.make_loss`);
+* ``regularization``: L1/L2 penalties on the kernels of layer groups
+  (:func:`apply_regularization`);
+* ``oversample`` and ``class_weight``: a rebalanced training split and per-example
+  weights (:func:`balanced_training_data`), combined with the data's own weights.
+
+After ``fit``, ``restore_best`` loads the best checkpoint before the model is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import gc
 import math
 import sys
@@ -16,6 +29,7 @@ import keras
 import numpy as np
 
 from dlpipe.errors import DlpipeError, TrainingDiverged
+from dlpipe.losses import balanced_class_weights, class_weight_list, make_loss
 from dlpipe.models.common import set_term_weights
 
 _OPTIMIZERS = {
@@ -88,7 +102,153 @@ def make_optimizer(opt: Any, steps_per_epoch: int, epochs: int) -> Any:
         kwargs["momentum"] = opt.momentum
     if opt.name == "sgd":
         kwargs["nesterov"] = opt.nesterov
+    for key in ("beta_1", "beta_2", "epsilon"):  # validated: only where the optimizer has them
+        value = getattr(opt, key, None)
+        if value is not None:
+            kwargs[key] = value
     return _OPTIMIZERS[opt.name](**kwargs)
+
+
+# ------------------------------------------------------------------- regularization
+
+#: Weight attributes a penalty applies to, and the layer option that records it in
+#: the layer's config (so a saved model reloads with the same penalty).
+_PENALIZED = (
+    ("kernel", ("kernel_regularizer", "depthwise_regularizer")),
+    ("depthwise_kernel", ("depthwise_regularizer",)),
+    ("pointwise_kernel", ("pointwise_regularizer",)),
+    ("embeddings", ("embeddings_regularizer",)),
+)
+
+
+def all_layers(model: Any) -> list[Any]:
+    """Every layer inside ``model``, nested models' layers included, in order."""
+    found: list[Any] = []
+    for layer in getattr(model, "layers", None) or []:
+        found.append(layer)
+        found.extend(all_layers(layer))
+    return found
+
+
+def _kernels(layer: Any) -> list[Any]:
+    out = []
+    for attr, _ in _PENALIZED:
+        try:
+            var = getattr(layer, attr, None)
+        except Exception:  # noqa: BLE001 - a property of an unbuilt or quantized layer
+            var = None
+        if isinstance(var, keras.Variable) and var.trainable:
+            out.append(var)
+    return out
+
+
+def apply_regularization(model: Any, rules: list[Any]) -> dict[str, Any]:
+    """Attach ``L1L2`` penalties to the kernels of the layers each rule's glob matches.
+
+    A glob matches a layer's name or its class name, ignoring case (``conv*`` finds
+    ``Conv2D`` layers and layers named ``conv3``); the last rule matching a layer wins.
+    The model is already built, so a layer's ``kernel_regularizer`` option alone would
+    do nothing: Keras collects penalties from ``variable.regularizer`` of the trainable
+    weights (``Layer.losses``), so the regularizer is set on the kernel variable. The
+    layer option is set too, so the saved model's config carries the penalty. Keras'
+    built-in ``train_step`` adds ``model.losses`` to the loss; models with their own
+    ``train_step`` must add them themselves. Returns ``{layer name: regularizer}``.
+    """
+    chosen: dict[int, tuple[Any, Any]] = {}
+    candidates = [layer for layer in all_layers(model) if _kernels(layer)]
+    for rule in rules:
+        pattern = rule.layers.lower()
+        matched = [
+            layer for layer in candidates
+            if fnmatch.fnmatchcase(layer.name.lower(), pattern)
+            or fnmatch.fnmatchcase(type(layer).__name__.lower(), pattern)
+        ]
+        if not matched:
+            names = ", ".join(f"{la.name} ({type(la).__name__})" for la in candidates) or "none"
+            raise DlpipeError(
+                f"regularization: layers {rule.layers!r} matches no layer with weights; "
+                f"layers with kernels: {names}"
+            )
+        regularizer = keras.regularizers.L1L2(l1=rule.l1, l2=rule.l2) if (rule.l1 or rule.l2) else None
+        for layer in matched:
+            chosen[id(layer)] = (layer, regularizer)
+    applied: dict[str, Any] = {}
+    for layer, regularizer in chosen.values():
+        for var in _kernels(layer):
+            var.regularizer = regularizer
+        for _, options in _PENALIZED:
+            for option in options:
+                if hasattr(layer, option):
+                    setattr(layer, option, regularizer)
+        if regularizer is not None:
+            applied[layer.name] = regularizer
+    return applied
+
+
+# -------------------------------------------------------------------- class balance
+
+
+def _class_labels(data: Any, what: str) -> np.ndarray:
+    y = data.y.get("train")
+    if data.task != "classification" or y is None or np.ndim(y) != 1 or not data.num_classes:
+        raise DlpipeError(
+            f"{what} needs a classification data stage with one integer label per example"
+        )
+    return np.asarray(y).astype(np.int64)
+
+
+def oversample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices that repeat examples of the smaller classes (drawn with replacement, from
+    a seeded generator) until every class present has as many as the largest one. All
+    original examples are kept; the result is shuffled."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    target = int(counts.max())
+    parts = []
+    for cls, count in zip(classes, counts, strict=True):
+        members = np.flatnonzero(labels == cls)
+        extra = rng.choice(members, size=target - int(count), replace=True)
+        parts.extend([members, extra])
+    return rng.permutation(np.concatenate(parts))
+
+
+def balanced_training_data(data: Any, params: Any, seed: int) -> Any:
+    """The bundle with its training split oversampled and/or class-weighted.
+
+    Class weights become per-example weights (what ``fit(class_weight=...)`` does
+    inside Keras), multiplied with the data's own sample weights; 'balanced' is
+    computed from the labels the model trains on (after oversampling).
+    """
+    if not params.oversample and params.class_weight is None:
+        return data
+    what = "oversample" if params.oversample else "class_weight"
+    labels = _class_labels(data, what)
+    x, y = data.x["train"], data.y["train"]
+    w = data.weights.get("train")
+    if params.oversample:
+        index = oversample_indices(labels, seed)
+        x, y, labels = x[index], y[index], labels[index]
+        w = None if w is None else w[index]
+        counts = np.bincount(labels, minlength=data.num_classes)
+        print(f"train: oversampled the training split to {len(index)} examples "
+              f"({', '.join(str(int(c)) for c in counts)} per class)")
+    if params.class_weight is not None:
+        if params.class_weight == "balanced":
+            per_class = balanced_class_weights(labels, data.num_classes)
+        else:
+            try:
+                per_class = class_weight_list(params.class_weight, data.num_classes, data.class_names)
+            except ValueError as exc:
+                raise DlpipeError(f"class_weight: {exc}") from exc
+        print("train: class weights " + ", ".join(f"{c}={v:.3g}" for c, v in enumerate(per_class)))
+        by_class = np.asarray(per_class, dtype=np.float32)[labels]
+        w = by_class if w is None else np.asarray(w, dtype=np.float32) * by_class
+    return dataclasses.replace(
+        data,
+        x={**data.x, "train": x},
+        y={**data.y, "train": y},
+        weights={**data.weights, "train": w},
+    )
 
 
 def current_learning_rate(optimizer: Any) -> float:
@@ -215,6 +375,28 @@ def default_loss(task: str) -> tuple[str | None, list[str]]:
     return None, []
 
 
+def _output_width(model: Any, data: Any) -> int | None:
+    """Classes the model predicts: its (first) output's last dimension, else the data's."""
+    try:
+        width = model.outputs[0].shape[-1]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        width = None
+    return int(width) if width else data.num_classes
+
+
+def restore_best_weights(ctx: Any, model: Any, best: BestWeights | None) -> None:
+    """Load the best checkpoint into ``model`` and report which epoch it came from."""
+    if best is None or best.best_epoch is None or not best.path.is_file():
+        print("train: restore_best: no checkpoint was written (the monitored value was "
+              "never finite); keeping the last weights")
+        return
+    model.load_weights(str(best.path))
+    assert best.best_value is not None
+    print(f"train: restored the best weights, epoch {best.best_epoch + 1} "
+          f"({best.monitor}={best.best_value:.4g})")
+    ctx.log_metrics({"best_epoch": best.best_epoch + 1, f"best_{best.monitor}": best.best_value})
+
+
 def keras_fit(ctx: Any, params: Any) -> None:
     model, data = ctx.model, ctx.data
     if model is None or data is None:
@@ -223,19 +405,36 @@ def keras_fit(ctx: Any, params: Any) -> None:
         )
     entry = ctx.model_entry()
     task = entry.task if entry else data.task
+    data = balanced_training_data(data, params, ctx.seed)
     n_train = data.size("train")
     steps_per_epoch = max(math.ceil(n_train / params.batch_size), 1)
     has_val = data.size("val") > 0
 
     own_loss = bool(getattr(model, "term_weights", None))
     loss, metrics = (None, []) if own_loss else default_loss(task)
-    loss = params.loss or loss
+    if params.loss is not None:
+        try:
+            loss = make_loss(
+                params.loss,
+                num_classes=_output_width(model, data),
+                class_names=data.class_names,
+                train_labels=data.y.get("train"),
+            )
+        except ValueError as exc:
+            raise DlpipeError(f"stage {ctx.stage.id!r}: loss: {exc}") from exc
     metrics = params.metrics if params.metrics is not None else metrics
     if loss is None and not own_loss:
         raise DlpipeError(
             f"stage {ctx.stage.id!r}: the model computes no loss of its own and none is set; "
             "add params.loss (for example sparse_categorical_crossentropy or mse)"
         )
+    if params.regularization:
+        applied = apply_regularization(model, params.regularization)
+        if own_loss:
+            print("train: note: this model computes its own loss; regularization counts only "
+                  "if its train_step adds model.losses")
+        print(f"train: regularization on {len(applied)} layer(s): "
+              + ", ".join(f"{name} (l1={r.l1:g}, l2={r.l2:g})" for name, r in applied.items()))
     with ctx.strategy.scope():
         optimizer = make_optimizer(params.optimizer, steps_per_epoch, params.epochs)
         model.compile(
@@ -324,6 +523,8 @@ def keras_fit(ctx: Any, params: Any) -> None:
             f"stopped. Checkpoints so far are kept in {run_dir / 'checkpoints'}. "
             "Try a lower learning rate or gradient clipping (optimizer.clipnorm)."
         )
+    if params.restore_best:
+        restore_best_weights(ctx, model, best)
     if not params.save_model:
         return
     model_dir = run_dir / "model"
