@@ -149,6 +149,7 @@ def test_plots(latent_dim, data):
     model = build(VAEParams(hidden=[16, 8], latent_dim=latent_dim), data)
     figures = dict(vae.plots(None, model, data))
     expected = {"reconstructions.png", "latent_scatter.png", "samples.png"}
+    expected.add("latent_traversal.png")
     if latent_dim == 2:
         expected.add("latent_manifold.png")
     assert set(figures) == expected

@@ -1,4 +1,10 @@
-"""The variational autoencoder architecture plugin (code in :mod:`dlpipe.models.vae`)."""
+"""Variational autoencoder plugins: ``vae`` and the conditional ``cvae``.
+
+The code is in :mod:`dlpipe.models.vae` and :mod:`dlpipe.models.cvae`; this module
+only declares parameters and registers ``"module:function"`` strings, so it imports
+neither Keras nor TensorFlow. A beta-VAE is the ``vae`` with ``train.loss_weights.kl``
+other than 1 (usually with ``kl_warmup_epochs``).
+"""
 
 from __future__ import annotations
 
@@ -23,17 +29,46 @@ class VAEParams(Params):
     reconstruction: Literal["bce", "mse"] = Field(
         "bce", description="Reconstruction loss, summed over pixels."
     )
+    kl_warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="KL warm-up: raise the kl loss weight linearly from 0 to "
+        "train.loss_weights.kl over this many epochs (0: off). Logged as kl_weight.",
+    )
+    sample_every: int = Field(
+        0, ge=0, description="Log a fixed-seed sample grid every N epochs (0: only at the end)."
+    )
+
+
+class CVAEParams(VAEParams):
+    """A VAE whose encoder and decoder also take the one-hot class label."""
+
+
+_MODELS = "dlpipe.models"
+_TINY = {"hidden": [16, 8], "latent_dim": 2}
 
 
 @hookimpl
 def register_models(register):
     register(
         "vae",
-        build="dlpipe.models.vae:build",
+        build=f"{_MODELS}.vae:build",
         params=VAEParams,
-        description="Variational autoencoder (beta-VAE via the kl loss weight).",
+        description="Variational autoencoder (beta-VAE via the kl loss weight, KL warm-up).",
         task="generative",
         loss_terms=("reconstruction", "kl"),
-        plots="dlpipe.models.vae:plots",
-        example_params={"hidden": [16, 8], "latent_dim": 2},
+        plots=f"{_MODELS}.vae:plots",
+        callbacks=f"{_MODELS}.vae:callbacks",
+        example_params=dict(_TINY),
+    )
+    register(
+        "cvae",
+        build=f"{_MODELS}.cvae:build",
+        params=CVAEParams,
+        description="Conditional VAE: encoder and decoder see the class; sample by class.",
+        task="generative",
+        loss_terms=("reconstruction", "kl"),
+        plots=f"{_MODELS}.cvae:plots",
+        callbacks=f"{_MODELS}.cvae:callbacks",
+        example_params={**_TINY, "kl_warmup_epochs": 2},
     )
