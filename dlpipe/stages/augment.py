@@ -23,6 +23,14 @@ def keras_layers(ctx: Any, params: Any) -> None:
             f"the augment stage works on images (n, height, width, channels), but the data "
             f"'{data.name}' has examples of shape {data.input_shape}"
         )
+    geometric = [k for k in ("flip", "rotation", "zoom", "translation")
+                 if getattr(params, k) is not None]
+    if data.task in ("detection", "segmentation") and geometric:
+        target = "boxes" if data.task == "detection" else "masks"
+        raise DlpipeError(
+            f"augment: {', '.join(geometric)} would move the images but not their {target}; "
+            f"for {data.task} data use only contrast and noise"
+        )
     seed = params.seed if params.seed is not None else ctx.seed
     layers = build_layers(params, seed, value_range=tuple(data.value_range))
     if not layers:
