@@ -45,6 +45,8 @@ def synthetic_bundle(
 def expected_output_shape(task: str, data: DataBundle, batch: int) -> tuple[int, ...] | None:
     if task == "classification":
         return (batch, int(data.num_classes or 0))
+    if task == "segmentation":  # per-pixel class probabilities
+        return (batch, *data.input_shape[:2], int(data.num_classes or 0))
     if task in ("generative", "autoencoder", "reconstruction"):
         return (batch, *data.input_shape)
     return None

@@ -42,6 +42,7 @@ _OPTIMIZERS = {
 }
 
 
+@keras.saving.register_keras_serializable(package="dlpipe")
 class WarmUp(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to the peak rate, then hand over to another schedule."""
 
@@ -372,6 +373,8 @@ def default_loss(task: str) -> tuple[str | None, list[str]]:
         return "mse", ["mae"]
     if task == "seq2seq":  # token ids as targets; sequence models add their own metrics
         return "sparse_categorical_crossentropy", []
+    if task == "segmentation":  # integer masks (n, h, w) vs per-pixel softmax (n, h, w, k)
+        return "sparse_categorical_crossentropy", ["accuracy"]
     return None, []
 
 
@@ -423,6 +426,10 @@ def keras_fit(ctx: Any, params: Any) -> None:
         except ValueError as exc:
             raise DlpipeError(f"stage {ctx.stage.id!r}: loss: {exc}") from exc
     metrics = params.metrics if params.metrics is not None else metrics
+    if task == "segmentation" and params.metrics is None and data.num_classes:
+        # Needs num_classes, so a spec cannot name it as a string: added by default.
+        metrics = [*metrics, keras.metrics.MeanIoU(
+            int(data.num_classes), sparse_y_pred=False, name="miou")]
     if loss is None and not own_loss:
         raise DlpipeError(
             f"stage {ctx.stage.id!r}: the model computes no loss of its own and none is set; "
