@@ -337,6 +337,10 @@ def test_gan_pipeline_logs_losses_sample_grids_and_a_loadable_model(workdir, rep
             "--set", "model.latent_dim=8",
             "--set", "model.sample_every=1",
             "--set", "train.loss_weights.generator=0.5",
+            # cgan.yaml ends with sample_quality (tests/test_sample_quality.py): keep it small
+            "--set", "quality.num_samples=100",
+            "--set", "quality.classifier.epochs=1",
+            "--set", "quality.classifier.filters=[8]",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -348,7 +352,9 @@ def test_gan_pipeline_logs_losses_sample_grids_and_a_loadable_model(workdir, rep
     assert run.data.params["train.loss_weights.generator"] == "0.5"
     for key in ("d_loss", "g_loss", "real_score", "fake_score"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
-    assert {"test_d_loss", "test_g_loss"} <= set(run.data.metrics)
+    assert {"test_d_loss", "test_g_loss", "quality_generated_label_accuracy"} <= set(
+        run.data.metrics
+    )
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/samples_epoch_001.png", "samples/samples_epoch_002.png"} <= samples
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -16,6 +16,10 @@ Discriminator targets can be softened with one-sided label smoothing (real targe
 ``1 - label_smoothing``) and label noise (each target flipped with probability
 ``label_noise``); see :func:`discriminator_targets`.
 
+Mixed precision (the spec's ``precision: mixed_float16``): the networks compute in
+float16 but their last layers (the image, the logit) are float32, so every loss is
+computed in float32; both optimizers scale their loss (see :meth:`compile`).
+
 Two named loss terms, ``discriminator`` and ``generator``, weight the two losses
 (``train.loss_weights``); both default to 1. Training reports the unweighted
 ``d_loss`` (the mean of the real and fake binary cross-entropies), ``g_loss``, and
@@ -24,8 +28,11 @@ Two named loss terms, ``discriminator`` and ``generator``, weight the two losses
 ``model(x)`` returns ``len(x)`` generated images (fresh noise; ``x`` only sets the
 batch size, and for a conditional GAN may be ``(x, labels)``; otherwise the labels
 cycle through the classes). :meth:`AdversarialModel.generate` is the deterministic
-entry point. Sample grids from FIXED noise are logged every ``sample_every`` epochs
-by :func:`callbacks`, and once more by :func:`plots` after training.
+entry point, and :meth:`AdversarialModel.generate_samples` (``n`` images as NumPy,
+seeded, balanced labels when conditional) the uniform one that evaluation stages
+such as ``sample_quality`` use on any generative model. Sample grids from FIXED
+noise are logged every ``sample_every`` epochs by :func:`callbacks`, and once more by
+:func:`plots` after training.
 
 :class:`AdversarialModel` holds what GANs share (networks, noise, the second
 optimizer, sampling, saving); :mod:`dlpipe.models.wgan_gp` builds on it.
@@ -83,6 +90,18 @@ def set_adam_betas(optimizer: Any, betas: Sequence[float]) -> None:
         inner.beta_1, inner.beta_2 = float(betas[0]), float(betas[1])
 
 
+def loss_scaled(optimizer: Any, policy: Any) -> Any:
+    """``optimizer`` wrapped in a ``LossScaleOptimizer`` under a ``mixed_float16`` policy.
+
+    Keras wraps the optimizer given to ``compile`` itself; the second optimizer of an
+    adversarial model needs the same treatment, or its float16 gradients underflow.
+    """
+    wrapped = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if getattr(policy, "name", policy) == "mixed_float16" and not wrapped:
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
 class AdversarialModel(keras.Model):
     """A generator and a discriminator (or critic) with an optimizer each.
 
@@ -136,7 +155,10 @@ class AdversarialModel(keras.Model):
         ``optimizer`` with ``d_learning_rate``) trains the discriminator.
 
         Call it inside the strategy scope: the discriminator's optimizer variables
-        are created here.
+        are created here. Under a ``mixed_float16`` policy both optimizers are
+        ``LossScaleOptimizer``s (Keras wraps ``optimizer``; :func:`loss_scaled` wraps
+        ``d_optimizer``), and :func:`~dlpipe.models.common.apply_gradients` scales
+        each loss with its own optimizer's scale.
         """
         super().compile(optimizer=optimizer, **kwargs)
         if self.adam_betas is not None:
@@ -145,7 +167,7 @@ class AdversarialModel(keras.Model):
             d_optimizer = clone_optimizer(self.optimizer, self.d_learning_rate)
         else:
             d_optimizer = keras.optimizers.get(d_optimizer)
-        self.d_optimizer = d_optimizer
+        self.d_optimizer = loss_scaled(d_optimizer, self.dtype_policy)
         # Each optimizer owns the slots of its own network only; built here (inside
         # the strategy scope) so that fit does not build them, and so that a loaded
         # model's optimizers match the saved ones variable for variable.
@@ -223,6 +245,36 @@ class AdversarialModel(keras.Model):
         labels = np.repeat(np.arange(classes, dtype="int32"), cols)
         images = ops.convert_to_numpy(self.generate(z, labels, training=False))
         return images, cols, [str(c) for c in range(classes)]
+
+    def generate_samples(
+        self, n: int, labels: Any = None, seed: int | None = 0, batch_size: int = 256
+    ) -> np.ndarray:
+        """``n`` generated images as a float32 NumPy array, in the data's value range.
+
+        The uniform sampling method that evaluation stages (``sample_quality``) call
+        on every generative model. The noise comes from ``np.random.default_rng(seed)``
+        (the same seed, the same samples; ``None``: fresh noise). A conditional model uses ``labels``
+        (``n`` class ids) or, when they are not given, balanced labels
+        ``0, 1, ..., K-1, 0, 1, ...``; an unconditional model refuses labels.
+        """
+        n = int(n)
+        if self.conditional:
+            if labels is None:
+                labels = np.arange(n) % self.num_classes
+            labels = np.asarray(labels).reshape(-1).astype("int32")
+            if len(labels) != n:
+                raise ValueError(f"{self.name}: {len(labels)} labels for {n} samples")
+        elif labels is not None:
+            raise ValueError(f"{self.name} is unconditional: it cannot generate by label")
+        z = np.random.default_rng(seed).standard_normal((n, self.latent_dim)).astype("float32")
+        chunks = []
+        for start in range(0, n, batch_size):
+            part = None if labels is None else labels[start : start + batch_size]
+            images = self.generate(z[start : start + batch_size], part, training=False)
+            chunks.append(ops.convert_to_numpy(ops.cast(images, "float32")))
+        if not chunks:
+            return np.zeros((0, *self.generator.output.shape[1:]), dtype="float32")
+        return np.concatenate(chunks, axis=0)
 
     # --- serialization ---------------------------------------------------------------
 

@@ -12,8 +12,15 @@ The penalty's weight is the named loss term ``gp`` (default 10, as in the paper)
 ``train.loss_weights.gp`` sets it and the tune stage can search it. Training reports
 ``d_loss`` (the critic's loss, weighted penalty included), ``g_loss``,
 ``wasserstein`` (the estimate, on the last critic step) and ``gp`` (the unweighted
-penalty). Networks, optimizers, sampling, sample grids and saving are shared with
-:mod:`dlpipe.models.gan`.
+penalty). Networks, optimizers, sampling (``generate_samples``), sample grids and
+saving are shared with :mod:`dlpipe.models.gan`.
+
+Under ``precision: mixed_float16`` the critic computes in float16 but its score is
+float32, and the penalty is formed in float32 from the float32 interpolations; the
+critic's and the generator's losses are each scaled by their own
+``LossScaleOptimizer``. The inner gradient (of the score with respect to the
+interpolated images) is of order one per example, well inside float16's range, so it
+needs no scaling of its own.
 """
 
 from __future__ import annotations
