@@ -95,4 +95,11 @@ def check_architecture(entry: Any, data: DataBundle | None = None, batch_size: i
         )
     else:
         assert np.shape(first)[0] == len(x), f"{entry.name}: batch dimension changed"
+    if callable(getattr(model, "generate_samples", None)):
+        samples = np.asarray(model.generate_samples(3, seed=0))
+        assert samples.shape == (3, *data.input_shape), (
+            f"{entry.name}: generate_samples gave {samples.shape}, expected "
+            f"{(3, *data.input_shape)}"
+        )
+        assert np.all(np.isfinite(samples)), f"{entry.name}: generate_samples is not finite"
     return model
