@@ -1,10 +1,12 @@
-"""Sequence-to-sequence plugins: procedural text-pair datasets, a tokenizer stage, the
-``seq2seq`` (RNN) and ``transformer`` architectures and the ``seq2seq_report``
-evaluation stage.
+"""Sequence plugins: procedural text-pair datasets, a tokenizer stage, the ``seq2seq``
+(RNN) and ``transformer`` architectures and the ``seq2seq_report`` evaluation stage;
+and for text classification the ``seq_arith_check`` data stage and the
+``transformer_classifier`` architecture (a transformer encoder with a softmax head).
 
 Implementations live in :mod:`dlpipe.stages.sequence_data`,
-:mod:`dlpipe.stages.seq_report`, :mod:`dlpipe.models.seq2seq` and
-:mod:`dlpipe.models.transformer`; nothing heavy is imported here.
+:mod:`dlpipe.stages.seq_report`, :mod:`dlpipe.models.seq2seq`,
+:mod:`dlpipe.models.transformer` and :mod:`dlpipe.models.text_classifier`; nothing
+heavy is imported here.
 
 Tokenization: every ``seq_*`` data stage already produces character-level token ids
 (and logs its vocabulary as the ``vocab`` artifact), so ``data -> model -> train``
@@ -64,6 +66,11 @@ class DatesParams(SeqDataParams):
     start_year: int = Field(1950, ge=1, le=9999, description="First year of the dates.")
     end_year: int = Field(2049, ge=1, le=9999, description="Last year of the dates.")
     mixed_case: bool = Field(True, description="Sometimes write a source all lower/upper case.")
+    filler_words: int = Field(
+        0, ge=0, le=20, description="Append 0..N filler words to each source ('23 November "
+        "2026, please note the meeting'): longer inputs with no more information, which an "
+        "encoder-decoder without attention must carry through (0: plain dates)."
+    )
 
     @model_validator(mode="after")
     def _years(self) -> DatesParams:
@@ -96,6 +103,23 @@ class SortParams(SymbolsParams):
     alphabet: str = Field("0123456789", min_length=1, description="Symbols, in sort order.")
 
 
+class ArithCheckParams(SeqDataParams):
+    """'35+61=96' -> correct, '35+61=97' -> wrong (balanced classes)."""
+
+    digits: int = Field(2, ge=1, le=6, description="Most digits of each operand.")
+    operators: str = Field(
+        "+", pattern=r"^[-+*]+$", description="Operators mixed in the data, from '+-*'."
+    )
+    off_by: int = Field(
+        3, ge=1, description="A wrong result is off by 1..off_by (when not digit-swapped)."
+    )
+    swap_fraction: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Share of wrong results made by swapping two adjacent digits of the "
+        "right result ('96' -> '69').",
+    )
+
+
 class TokenizerParams(Params):
     """Re-tokenize the sequence data: characters or a learned subword vocabulary."""
 
@@ -124,6 +148,14 @@ class Seq2SeqReportParams(Params):
     examples: int = Field(20, ge=0, description="Rows of the examples table (examples.md).")
     attention_maps: bool = Field(True, description="Log the model's attention heat-maps.")
     learning_curves: bool = Field(True, description="Log learning curves of the train stage.")
+    length_bucket_width: int = Field(
+        5, ge=1, description="Source lengths (tokens) per bucket of the "
+        "<split>_seq_acc_len_<lo>_<hi> metrics; buckets are aligned to multiples of it."
+    )
+    length_buckets: list[int] | None = Field(
+        None, min_length=1, description="Explicit bucket lower bounds instead, e.g. [0, 15, 20] "
+        "for lengths 0-14, 15-19 and 20 and longer."
+    )
 
 
 class Seq2SeqParams(Params):
@@ -160,6 +192,31 @@ class TransformerParams(Params):
         return self
 
 
+class TransformerClassifierParams(Params):
+    """Transformer encoder over token ids, pooled to a softmax classifier."""
+
+    d_model: int = Field(64, ge=2, description="Model width.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
+    ff_dim: int = Field(128, ge=1, description="Hidden size of the feed-forward networks.")
+    num_layers: int = Field(2, ge=1, description="Encoder blocks.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Embedding, residual and head "
+                           "dropout.")
+    positional: Literal["sinusoidal", "learned"] = Field(
+        "sinusoidal", description="Positional encodings: fixed sinusoids or learned embeddings."
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="cls: the final vector of a [cls] token put in front; mean: the "
+        "average over the real (non-padding) tokens."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> TransformerClassifierParams:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} must be divisible by num_heads "
+                             f"{self.num_heads}")
+        return self
+
+
 _DATA = "dlpipe.stages.sequence_data"
 
 
@@ -173,6 +230,9 @@ def register_stages(register):
              "Random strings -> reversed (or copied), character tokens.")
     register("data", "seq_sort", f"{_DATA}:sort", SortParams,
              "Random strings -> their symbols sorted, character tokens.")
+    register("data", "seq_arith_check", f"{_DATA}:arith_check", ArithCheckParams,
+             "Right vs wrong equations ('35+61=96' / '35+61=97'), character tokens, "
+             "balanced binary labels (text classification).")
     register("tokenize", "tokenizer", f"{_DATA}:tokenizer", TokenizerParams,
              "Re-tokenize sequence data (char or learned subword BPE); logs the vocabulary.")
     register("evaluate", "seq2seq_report", "dlpipe.stages.seq_report:seq2seq_report",
@@ -204,4 +264,15 @@ def register_models(register):
         example_params={"d_model": 16, "num_heads": 2, "ff_dim": 32, "encoder_layers": 1,
                         "decoder_layers": 1},
         example_data="dlpipe.stages.sequence_data:example_bundle",
+    )
+    register(
+        "transformer_classifier",
+        build="dlpipe.models.text_classifier:build",
+        params=TransformerClassifierParams,
+        description="Transformer encoder text classifier: [cls] or mean pooling, padding "
+        "masked, sinusoidal or learned positions.",
+        task="classification",
+        plots="dlpipe.models.text_classifier:plots",
+        example_params={"d_model": 16, "num_heads": 2, "ff_dim": 32, "num_layers": 1},
+        example_data="dlpipe.stages.sequence_data:arith_example_bundle",
     )

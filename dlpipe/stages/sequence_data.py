@@ -8,6 +8,10 @@ Four tasks, each generated deterministically from a seed (no network, no files):
 * ``reverse``: ``"hello"`` -> ``"olleh"`` (or an unchanged copy);
 * ``sort``: ``"31412"`` -> ``"11234"``.
 
+and one text *classification* task, ``arith_check``: is ``"35+61=96"`` right (class
+``correct``) or ``"35+61=97"`` wrong (a :class:`TextClassBundle` of character ids and
+labels, for the ``transformer_classifier`` architecture).
+
 Text becomes token ids here, in the data stage: a :class:`Vocabulary` is learned from
 the training split, character level by default or as a byte-pair-encoding subword
 vocabulary (:func:`learn_bpe`, used by the ``tokenize`` stage). The result is a
@@ -546,6 +550,9 @@ def addition(ctx: Any, params: Any) -> None:
 def dates(ctx: Any, params: Any) -> None:
     pairs = date_pairs(params.n, params.formats, params.start_year, params.end_year,
                        params.mixed_case, _seed(ctx, params))
+    filler = getattr(params, "filler_words", 0)
+    if filler:
+        pairs = add_filler_words(pairs, filler, _seed(ctx, params))
     _finish(ctx, params, "dates", pairs)
 
 
@@ -573,3 +580,244 @@ def tokenizer(ctx: Any, params: Any) -> None:
                       params.min_frequency, params.apply_to)
     bundle.mask_padding = data.mask_padding
     _publish(ctx, bundle)
+
+
+FILLER_WORDS = ("please", "note", "the", "meeting", "is", "set", "for", "that", "day",
+                "our", "team", "will", "call", "you", "then", "thanks", "again", "see",
+                "soon", "and", "all", "good", "as", "agreed", "with")
+
+
+def add_filler_words(pairs: Pairs, most: int, seed: int = 0) -> Pairs:
+    """Sources with 0..``most`` filler words appended (``"23 November 2026, please note
+    the meeting"``); targets unchanged.
+
+    The words carry no date information, so a source gets longer without getting
+    harder to read for a model that can look back at it (attention), while an encoder
+    that squeezes the source into its final state must carry the date across them.
+    The words follow a source's letter case (all lower or upper case stays so).
+    """
+    rng = np.random.default_rng([seed, 1013])
+    sources, targets = pairs
+    out = []
+    for source in sources:
+        count = int(rng.integers(0, most + 1))
+        if not count:
+            out.append(source)
+            continue
+        words = " ".join(FILLER_WORDS[int(i)] for i in rng.integers(0, len(FILLER_WORDS), count))
+        words = words.upper() if source.isupper() else words
+        out.append(f"{source}, {words}")
+    return out, list(targets)
+
+
+# --------------------------------------------------------------------------------------
+# Text classification: is the arithmetic right? ("35+61=96" vs "35+61=97")
+# --------------------------------------------------------------------------------------
+
+#: Class names of ``seq_arith_check``: label 1 means the equation is right.
+ARITH_CLASSES = ["wrong", "correct"]
+
+
+@dataclass
+class TextClassBundle(DataBundle):
+    """A :class:`DataBundle` of token ids with one class label per text.
+
+    ``x[split]``: int32 ids ``(n, length)``, right-padded with ``PAD`` (0);
+    ``y[split]``: int32 labels ``(n,)``; ``texts[split]`` the raw strings;
+    ``vocab`` maps ids back to tokens. The generic :meth:`DataBundle.dataset` yields
+    ``(ids, label)`` batches, so the usual ``keras_fit`` / ``classifier_report`` stages
+    work on it unchanged.
+    """
+
+    vocab: Vocabulary | None = None
+    texts: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def source_vocab(self) -> Vocabulary | None:
+        """The vocabulary under the name sequence code looks for."""
+        return self.vocab
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.x["train"].shape[1])
+
+    def describe(self) -> dict[str, Any]:
+        assert self.vocab is not None
+        return {
+            **super().describe(),
+            "task": self.task,
+            "sequence_length": self.sequence_length,
+            "vocab_size": self.vocab.size,
+            "tokenizer": self.vocab.level,
+        }
+
+
+def arith_value(a: int, b: int, op: str) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown operator {op!r} (one of + - *)")
+
+
+def check_equation(text: str) -> bool:
+    """Whether ``"a<op>b=c"`` holds (``op`` one of ``+ - *``; ``c`` may be negative)."""
+    left, right = text.split("=")
+    for i, ch in enumerate(left):
+        if i > 0 and ch in "+-*":
+            return arith_value(int(left[:i]), int(left[i + 1 :]), ch) == int(right)
+    raise ValueError(f"no operator in {text!r}")
+
+
+def _swap_digits(value: int, rng: np.random.Generator) -> int | None:
+    """``value`` with two adjacent digits swapped, or None if no swap changes it."""
+    sign, digits = ("-", str(-value)) if value < 0 else ("", str(value))
+    spots = [i for i in range(len(digits) - 1) if digits[i] != digits[i + 1]]
+    if not spots:
+        return None
+    i = spots[int(rng.integers(len(spots)))]
+    swapped = digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]
+    if swapped[0] == "0" and len(swapped) > 1:  # "05" is not how results are written
+        return None
+    return int(sign + swapped)
+
+
+def arith_check_examples(
+    n: int,
+    digits: int = 2,
+    operators: str = "+",
+    off_by: int = 3,
+    swap_fraction: float = 0.3,
+    seed: int = 0,
+) -> tuple[list[str], list[int]]:
+    """``n`` distinct equations ``"a<op>b=c"`` and labels (1: ``c`` is right, 0: wrong).
+
+    Exactly ``n // 2`` (rounded up) are wrong, in a seeded random order. A wrong ``c``
+    is the right result with two adjacent digits swapped (share ``swap_fraction``, when a
+    swap changes it) or otherwise off by 1..``off_by`` either way, so the model has to
+    check the arithmetic, not spot implausible numbers. Operands have 1..``digits``
+    digits.
+    """
+    if not operators or any(op not in "+-*" for op in operators):
+        raise DlpipeError(f"seq_arith_check: operators must be made of + - *, got {operators!r}")
+    rng = np.random.default_rng(seed)
+    labels = np.random.default_rng(seed + 7).permutation(np.arange(n) % 2)
+    capacity = (10**digits) ** 2 * len(set(operators))
+    if int(labels.sum()) > capacity:
+        raise DlpipeError(
+            f"seq_arith_check: {int(labels.sum())} distinct right equations asked for, only "
+            f"{capacity} exist with {digits} digit(s) and operators {operators!r}; lower n"
+        )
+
+    def number() -> int:
+        length = int(rng.integers(1, digits + 1))
+        return int(rng.integers(0, 10**length))
+
+    def equation(correct: bool) -> str:
+        a, b = number(), number()
+        op = operators[int(rng.integers(len(operators)))]
+        result = arith_value(a, b, op)
+        if not correct:
+            wrong = _swap_digits(result, rng) if rng.random() < swap_fraction else None
+            if wrong is None:
+                delta = int(rng.integers(1, off_by + 1))
+                down = rng.random() < 0.5 and (result - delta >= 0 or result < 0)
+                wrong = result - delta if down else result + delta  # no "3+0=-2" giveaways
+            result = wrong
+        return f"{a}{op}{b}={result}"
+
+    texts: list[str] = []
+    seen: set[str] = set()
+    for label in labels:
+        for _attempt in range(1000):
+            text = equation(bool(label))
+            if text not in seen:
+                break
+        else:
+            raise DlpipeError(f"seq_arith_check: could not draw {n} distinct equations; lower n")
+        seen.add(text)
+        texts.append(text)
+    return texts, [int(v) for v in labels]
+
+
+def split_labelled(
+    texts: list[str], labels: list[int], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, tuple[list[str], list[int]]]:
+    """A seeded split that keeps the class balance in every part (stratified)."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed + 1)
+    parts: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        n_test = int(round(test_fraction * len(members)))
+        n_val = int(round(val_fraction * len(members)))
+        parts["test"].extend(members[:n_test])
+        parts["val"].extend(members[n_test : n_test + n_val])
+        parts["train"].extend(members[n_test + n_val :])
+    if not parts["train"]:
+        raise DlpipeError(f"no training examples left from {len(texts)} (fractions too large)")
+    out = {}
+    for split, idx in parts.items():
+        idx = list(rng.permutation(np.asarray(idx, dtype=int))) if idx else []
+        out[split] = ([texts[i] for i in idx], [int(y[i]) for i in idx])
+    return out
+
+
+def text_class_bundle(
+    name: str, parts: dict[str, tuple[list[str], list[int]]], class_names: list[str]
+) -> TextClassBundle:
+    """Character-tokenize labelled texts; the vocabulary comes from the training split."""
+    vocab = char_vocabulary(parts["train"][0])
+    length = max(len(vocab.encode(t)) for texts, _ in parts.values() for t in texts)
+    return TextClassBundle(
+        x={s: encode_texts(parts[s][0], vocab, length, end=False) for s in SPLITS},
+        y={s: np.asarray(parts[s][1], dtype=np.int32) for s in SPLITS},
+        task="classification",
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        name=name,
+        vocab=vocab,
+        texts={s: list(parts[s][0]) for s in SPLITS},
+    )
+
+
+def save_text_vocabulary(bundle: TextClassBundle, path: Path) -> Path:
+    """Write ``{"source": vocabulary, "classes": names}`` as JSON."""
+    assert bundle.vocab is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "special_tokens": {"pad": PAD_ID, "start": START_ID, "end": END_ID, "unk": UNK_ID},
+        "source": bundle.vocab.to_dict(),
+        "classes": list(bundle.class_names),
+    }
+    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def arith_example_bundle(n: int = 80, seed: int = 0) -> TextClassBundle:
+    """A tiny one-digit ``seq_arith_check`` bundle for conformance tests of text
+    classifiers."""
+    texts, labels = arith_check_examples(n, digits=1, seed=seed)
+    return text_class_bundle("example_arith_check",
+                             split_labelled(texts, labels, 0.1, 0.1, seed), ARITH_CLASSES)
+
+
+def arith_check(ctx: Any, params: Any) -> None:
+    """The ``seq_arith_check`` stage: right and wrong equations, character tokens."""
+    seed = _seed(ctx, params)
+    texts, labels = arith_check_examples(params.n, params.digits, params.operators,
+                                         params.off_by, params.swap_fraction, seed)
+    parts = split_labelled(texts, labels, params.val_fraction, params.test_fraction, seed)
+    bundle = text_class_bundle("arith_check", parts, ARITH_CLASSES)
+    ctx.data = bundle
+    ctx.extras["data"] = bundle.describe()
+    ctx.log_artifact(save_text_vocabulary(bundle, Path(ctx.run_dir) / "vocab" / "vocab.json"),
+                     "vocab")
+    assert bundle.vocab is not None
+    sizes = "/".join(str(bundle.size(s)) for s in SPLITS)
+    shown = ", ".join(f"{t!r}: {ARITH_CLASSES[y]}" for t, y in
+                      zip(bundle.texts["train"][:3], parts["train"][1][:3], strict=False))
+    print(f"data: arith_check {sizes} train/val/test, char tokens, vocab {bundle.vocab.size}, "
+          f"length {bundle.sequence_length}; e.g. {shown}")
