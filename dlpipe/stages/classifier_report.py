@@ -123,11 +123,13 @@ def misclassified_figure(
     class_names: Sequence[str],
     count: int = 16,
     value_range: tuple[float, float] = (0.0, 1.0),
+    texts: Sequence[str] | None = None,
 ) -> Any:
     """A grid of the ``count`` wrong predictions made with the highest confidence.
 
     Image inputs are shown as images; other inputs as bars of the predicted
-    probabilities (green: the true class, red: the prediction).
+    probabilities (green: the true class, red: the prediction), titled with the
+    example's text when the data has ``texts`` (token-id bundles).
     """
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != y)
@@ -148,8 +150,9 @@ def misclassified_figure(
             _show_image(ax, x[i], value_range)
         else:
             _show_probabilities(ax, probs[i], true, pred)
+        text = f"{texts[i]}\n" if texts is not None else ""
         ax.set_title(
-            f"true {_label(class_names, true)}\npred {_label(class_names, pred)} "
+            f"{text}true {_label(class_names, true)}\npred {_label(class_names, pred)} "
             f"({probs[i, pred]:.2f})",
             fontsize=7,
         )
@@ -242,7 +245,10 @@ def classifier_report(ctx: Any, params: Any) -> None:
     ctx.log_figure(confusion_matrix_figure(y, predicted, names), "confusion_matrix.png")
     if params.worst > 0:
         low, high = getattr(data, "value_range", (0.0, 1.0))
-        fig = misclassified_figure(x, y, probs, names, params.worst, (float(low), float(high)))
+        texts = getattr(data, "texts", {}).get(split)
+        fig = misclassified_figure(
+            x, y, probs, names, params.worst, (float(low), float(high)), texts=texts
+        )
         ctx.log_figure(fig, "misclassified.png")
     if probs.shape[1] == 2 and len(np.unique(y)) == 2:
         positive = _label(names, 1)
