@@ -353,8 +353,11 @@ def test_latent_diffusion_uses_an_earlier_stage_and_a_previous_run(workdir, repo
     client = MlflowClient(default_tracking_uri())
     run = _only_run(client, "dlpipe-diffusion")
     metrics = client.get_metric_history
-    assert len(metrics(run.info.run_id, "kl_loss")) == 1  # the VAE's training
-    assert len(metrics(run.info.run_id, "loss")) == 2  # VAE, then diffusion (same run)
+    # Two train stages in one run: each one's epoch metrics carry its stage id.
+    assert len(metrics(run.info.run_id, "train_vae/kl_loss")) == 1
+    assert len(metrics(run.info.run_id, "train_vae/loss")) == 1
+    assert len(metrics(run.info.run_id, "train_diffusion/loss")) == 1
+    assert not metrics(run.info.run_id, "loss")
     assert "samples/samples_epoch_001.png" in _artifacts(client, run.info.run_id, "samples")
     assert {"plots/samples.png", "plots/trajectory.png"} <= _artifacts(
         client, run.info.run_id, "plots"

@@ -260,10 +260,13 @@ def current_learning_rate(optimizer: Any) -> float:
 class ReportEpochs(keras.callbacks.Callback):
     """Send each epoch's logs (plus learning rate and epoch time) to ``on_metrics``."""
 
-    def __init__(self, ctx: Any, initial_epoch_history: dict[str, list[float]]) -> None:
+    def __init__(
+        self, ctx: Any, initial_epoch_history: dict[str, list[float]], prefix: str = ""
+    ) -> None:
         super().__init__()
         self.ctx = ctx
         self.history = initial_epoch_history
+        self.prefix = prefix
         self._t0 = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -278,7 +281,21 @@ class ReportEpochs(keras.callbacks.Callback):
             pass
         for k, v in metrics.items():
             self.history.setdefault(k, []).append(v)
+        if self.prefix:
+            metrics = {f"{self.prefix}{k}": v for k, v in metrics.items()}
         self.ctx.log_metrics(metrics, step=epoch)
+
+
+def stage_prefix(ctx: Any) -> str:
+    """``"<stage id>/"`` when the spec has several train stages, else ``""``.
+
+    Two train stages in one run (an autoencoder, then latent diffusion on it) would
+    otherwise log the same metric names and files into one MLflow run: their epoch
+    metrics become ``train_vae/loss``, ``train_diffusion/loss`` (grouped in the
+    MLflow UI), and checkpoints and saved models get the stage id in their names.
+    """
+    trains = [s for s in ctx.spec.stages if s.kind == ctx.stage.kind]
+    return f"{ctx.stage.id}/" if len(trains) > 1 else ""
 
 
 class NanGuard(keras.callbacks.Callback):
@@ -463,11 +480,14 @@ def keras_fit(ctx: Any, params: Any) -> None:
     history: dict[str, list[float]] = {}
     guard = NanGuard()
     every = params.checkpoint.every_seconds
-    backup = ThrottledBackup(str(run_dir / "backup"), every) if params.resume else None
+    prefix = stage_prefix(ctx)
+    tag = prefix.rstrip("/")
+    backup_dir = run_dir / ("backup" if not tag else f"backup-{tag}")
+    backup = ThrottledBackup(str(backup_dir), every) if params.resume else None
     best = None
     # The backup records an epoch before anything that may raise in on_epoch_end.
     callbacks: list[Any] = [backup] if backup else []
-    callbacks.append(ReportEpochs(ctx, history))
+    callbacks.append(ReportEpochs(ctx, history, prefix))
     if params.nan_guard:
         callbacks.append(guard)
     if params.checkpoint.enabled:
@@ -475,7 +495,10 @@ def keras_fit(ctx: Any, params: Any) -> None:
         if not has_val and monitor.startswith("val_"):
             monitor = monitor[4:]
         best = BestWeights(
-            run_dir / "checkpoints" / "best.weights.h5", monitor, params.checkpoint.mode, every
+            run_dir / "checkpoints" / (f"{tag}.best.weights.h5" if tag else "best.weights.h5"),
+            monitor,
+            params.checkpoint.mode,
+            every,
         )
         callbacks.append(best)
     if params.early_stopping is not None:
@@ -536,6 +559,8 @@ def keras_fit(ctx: Any, params: Any) -> None:
         return
     model_dir = run_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "model.keras"
+    # With several train stages, the last one's model is model/model.keras.
+    last = [s for s in ctx.spec.stages if s.kind == ctx.stage.kind][-1]
+    path = model_dir / ("model.keras" if last.id == ctx.stage.id else f"{tag}.keras")
     model.save(path)
     ctx.log_artifact(path, "model")
