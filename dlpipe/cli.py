@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_options(p)
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="quick end-to-end check: every train stage runs one epoch of at most 3 "
+        "batches, tuners 2 trials; tracked as <name>-smoke in its own run folder",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         metavar="N",
@@ -153,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # `kill` behaves like Ctrl+C: the MLflow run is closed as KILLED, checkpoints stay.
     signal.signal(signal.SIGTERM, terminate)
     print(f"dlpipe: running {spec.name} ({len(spec.stages)} stages) from {args.spec}")
-    ctx = run_pipeline(spec, host)
+    ctx = run_pipeline(spec, host, smoke=args.smoke)
     print(f"dlpipe: done; outputs in {ctx.run_dir}")
     return 0
 

@@ -44,6 +44,9 @@ class RunContext:
     tags: dict[str, str] = field(default_factory=dict)
     #: A stage sets this to end the run successfully after it, skipping later stages.
     finished: bool = False
+    #: ``dlpipe run --smoke``: an end-to-end check, not an experiment. Train stages run
+    #: one short epoch, tuners two trials; stages with long loops should cut them too.
+    smoke: bool = False
     #: Free space for plugins; key it by your plugin's name.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -62,16 +62,28 @@ def driver_index(spec: ResolvedSpec, plugins: PluginHost) -> int | None:
     return None
 
 
-def run_pipeline(spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None = None) -> RunContext:
+def run_pipeline(
+    spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None = None, *, smoke: bool = False
+) -> RunContext:
     """Run every stage of ``spec``. Lifecycle hooks see the start, each stage, the end
     and any error; the error is re-raised after ``on_run_error``.
 
     When a stage was registered with ``runs_previous`` (a tuner), the stages before it
     are its business: the engine starts with that stage.
+
+    ``smoke=True`` is a quick end-to-end check (:attr:`RunContext.smoke`): it gets its
+    own run folder, so it neither resumes nor disturbs the real run, and is tracked as
+    ``<name>-smoke`` with the tag ``dlpipe.smoke=true``.
     """
-    run_dir = run_dir or run_dir_for(spec)
+    if run_dir is None:
+        run_dir = run_dir_for(spec)
+        if smoke:
+            run_dir = run_dir.with_name(run_dir.name + "-smoke")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir)
+    ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir, smoke=smoke)
+    if smoke:
+        ctx.run_name = f"{spec.model.tracking.run_name or spec.name}-smoke"
+        ctx.tags["dlpipe.smoke"] = "true"
     first = driver_index(spec, plugins) or 0
     # before_run comes first, before TensorFlow is even imported: tracking starts its
     # work in parallel with the import, and a failing strategy is recorded like any error.
@@ -118,6 +130,7 @@ def run_nested(
         strategy=parent.strategy,
         data=data,
         parent=parent,
+        smoke=parent.smoke,
         run_name=run_name,
         tags=dict(tags or {}),
         extras=dict(extras or {}),

@@ -530,13 +530,17 @@ def keras_fit(ctx: Any, params: Any) -> None:
     gc.collect()
     gc.freeze()
     try:
+        # --smoke: one epoch of a few batches exercises every callback and the save.
+        smoke = {"steps_per_epoch": min(3, steps_per_epoch),
+                 "validation_steps": 2 if val_ds is not None else None} if ctx.smoke else {}
         model.fit(
             train_ds,
             validation_data=val_ds,
-            epochs=params.epochs,
+            epochs=1 if ctx.smoke else params.epochs,
             callbacks=callbacks,
             verbose=verbose,
             shuffle=False,  # tf.data already shuffles (seeded) before batching
+            **smoke,
         )
     except BaseException:
         # Keep what training reached: the best weights, and the resume point.

@@ -542,6 +542,11 @@ def reset_backend(seed: int) -> None:
 def optuna_tune(ctx: Any, params: TuneParams) -> None:
     """The ``tune/optuna`` stage."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if ctx.smoke:  # two in-process trials in a study of their own
+        name = f"{params.study_name or study_name(ctx.spec, ctx.stage)}-smoke"
+        params = params.model_copy(
+            update={"n_trials": min(params.n_trials, 2), "workers": 1, "timeout": None,
+                    "study_name": name})
     study = Study(ctx, params)
     workers = start_workers(ctx, params, study.target) if params.workers > 1 and not study.worker else []
     try:
