@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure, plt
+from dlpipe.stages.evaluate import evaluation_inputs
 
 
 def class_probabilities(outputs: Any) -> np.ndarray:
@@ -206,21 +206,8 @@ def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def classifier_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    stage = ctx.stage.id if ctx.stage is not None else "classifier_report"
-    if model is None or data is None:
-        raise DlpipeError(
-            f"stage {stage!r}: classifier_report needs a data stage and a trained model before it"
-        )
     split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(
-            f"stage {stage!r}: the {split!r} split is empty; set a non-zero "
-            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or evaluate "
-            "another split (params.split)"
-        )
-    if data.y.get(split) is None:
-        raise DlpipeError(f"stage {stage!r}: the {split!r} split has no labels to compare with")
+    model, data, stage = evaluation_inputs(ctx, split, "classifier_report", targets="labels")
 
     x = np.asarray(data.x[split])
     y = np.asarray(data.y[split]).reshape(-1).astype(int)

@@ -39,6 +39,7 @@ from dlpipe.detection import (
 from dlpipe.errors import DlpipeError
 from dlpipe.models import grids
 from dlpipe.plotting import learning_curves_figure
+from dlpipe.stages.evaluate import evaluation_inputs
 
 #: Box colours by class index (matplotlib's tab10).
 COLORS = (
@@ -171,19 +172,8 @@ def pr_curves_figure(
 
 
 def detection_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    stage = ctx.stage.id if ctx.stage is not None else "detection_report"
-    if model is None or data is None:
-        raise DlpipeError(
-            f"stage {stage!r}: detection_report needs a data stage and a trained model before it"
-        )
     split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(
-            f"stage {stage!r}: the {split!r} split is empty; set a non-zero "
-            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or evaluate "
-            "another split (params.split)"
-        )
+    model, data, stage = evaluation_inputs(ctx, split, "detection_report")
     y = data.y.get(split)
     if y is None or np.ndim(y) != 3 or np.shape(y)[-1] != 5:
         raise DlpipeError(

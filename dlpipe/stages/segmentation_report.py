@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.errors import DlpipeError
+from dlpipe.stages.evaluate import evaluation_inputs
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -289,22 +290,8 @@ def _true_masks(y: Any, stage: str, split: str) -> np.ndarray:
 
 
 def segmentation_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    stage = ctx.stage.id if ctx.stage is not None else "segmentation_report"
-    if model is None or data is None:
-        raise DlpipeError(
-            f"stage {stage!r}: segmentation_report needs a data stage and a trained model "
-            "before it"
-        )
     split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(
-            f"stage {stage!r}: the {split!r} split is empty; set a non-zero "
-            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or evaluate "
-            "another split (params.split)"
-        )
-    if data.y.get(split) is None:
-        raise DlpipeError(f"stage {stage!r}: the {split!r} split has no masks to compare with")
+    model, data, stage = evaluation_inputs(ctx, split, "segmentation_report", targets="masks")
 
     x = np.asarray(data.x[split])
     y = _true_masks(data.y[split], stage, split)

@@ -186,12 +186,9 @@ def shapes(ctx: Any, params: Any) -> None:
     _finish(ctx, params, "shapes", out.images, y, "classification", names, resize=False)
 
 
-def shapes_segmentation(ctx: Any, params: Any) -> None:
-    """Several shapes on a noisy background, with per-pixel class masks."""
-    from dlpipe.stages.data import _finish
-
-    seed = params.seed if params.seed is not None else ctx.seed
-    out = generate_scenes(
+def _scenes(ctx: Any, params: Any) -> Scenes:
+    """Several shapes per image on random grey backgrounds, as the scene stages use."""
+    return generate_scenes(
         params.n,
         size=params.size,
         objects=(params.min_objects, params.max_objects),
@@ -199,8 +196,15 @@ def shapes_segmentation(ctx: Any, params: Any) -> None:
         max_frac=params.max_size,
         noise=params.noise,
         background="random",
-        seed=seed,
+        seed=params.seed if params.seed is not None else ctx.seed,
     )
+
+
+def shapes_segmentation(ctx: Any, params: Any) -> None:
+    """Several shapes on a noisy background, with per-pixel class masks."""
+    from dlpipe.stages.data import _finish
+
+    out = _scenes(ctx, params)
     names = ["background", *SHAPES]
     bundle = _finish(ctx, params, "shapes_segmentation", out.images, out.masks, "segmentation",
                      names, resize=False)
@@ -211,17 +215,7 @@ def shapes_detection(ctx: Any, params: Any) -> None:
     """Several shapes per image with class boxes (padded rows of class -1)."""
     from dlpipe.stages.data import _finish
 
-    seed = params.seed if params.seed is not None else ctx.seed
-    out = generate_scenes(
-        params.n,
-        size=params.size,
-        objects=(params.min_objects, params.max_objects),
-        min_frac=params.min_size,
-        max_frac=params.max_size,
-        noise=params.noise,
-        background="random",
-        seed=seed,
-    )
+    out = _scenes(ctx, params)
     bundle = _finish(ctx, params, "shapes_detection", out.images, out.boxes(params.max_objects),
                      "detection", list(SHAPES), resize=False)
     bundle.num_classes = len(SHAPES)
