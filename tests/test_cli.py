@@ -156,3 +156,18 @@ def test_ui_serves_the_store(workdir):
 def test_ui_command_binds_loopback():
     cmd = ui_command("sqlite:////x/mlflow.db", "127.0.0.1", 5000)
     assert cmd[1:4] == ["-m", "mlflow", "ui"] and "127.0.0.1" in cmd
+
+
+def test_closed_stdout_is_not_an_error(repo):
+    """`dlpipe validate spec | head -0`: the reader leaves early; no error message."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlpipe", "validate", str(repo / "pipelines" / "vae.yaml")],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before dlpipe has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert "BrokenPipeError" not in err and "Traceback" not in err
