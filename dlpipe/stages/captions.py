@@ -30,7 +30,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,20 +65,10 @@ class WordVocabulary(Vocabulary):
     (split on whitespace); :meth:`decode` joins them with single spaces."""
 
     level: str = "word"
+    separator: ClassVar[str] = " "
 
     def split(self, text: str) -> list[str]:
         return text.split()
-
-    def decode(self, ids: Iterable[int]) -> str:
-        words: list[str] = []
-        for i in ids:
-            i = int(i)
-            if i == END_ID:
-                break
-            if i in (PAD_ID, START_ID):
-                continue
-            words.append("?" if i == UNK_ID or i >= len(self.tokens) else self.tokens[i])
-        return " ".join(words)
 
 
 def word_vocabulary(texts: Iterable[str]) -> WordVocabulary:

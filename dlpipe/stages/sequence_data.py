@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -61,6 +61,8 @@ class Vocabulary:
     tokens: list[str]
     level: str = "char"
     merges: list[tuple[str, str]] = field(default_factory=list)
+    #: What :meth:`decode` puts between tokens (word vocabularies use a space).
+    separator: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         if tuple(self.tokens[: len(SPECIALS)]) != SPECIALS:
@@ -112,7 +114,7 @@ class Vocabulary:
             if i in (PAD_ID, START_ID):
                 continue
             parts.append("?" if i == UNK_ID or i >= len(self.tokens) else self.tokens[i])
-        return "".join(parts)
+        return self.separator.join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "tokens": list(self.tokens),
