@@ -19,13 +19,15 @@ from dlpipe.errors import DlpipeError
 EPILOG = """examples:
   dlpipe run pipelines/vae.yaml                      train, evaluate and track a VAE
   dlpipe run pipelines/vae.yaml --set train.epochs=3 override any value by dotted path
+  dlpipe run pipelines/vae.yaml --restart            start over instead of resuming
   dlpipe validate pipelines/vae.yaml                 check a spec without running it
   dlpipe plugins                                     list plugins, stages and models
   dlpipe schema > dlpipe.schema.json                 JSON Schema for editors
   dlpipe ui                                          browse runs in the MLflow UI
 
 Runs are tracked in sqlite:///mlruns/mlflow.db unless MLFLOW_TRACKING_URI or the
-spec's tracking.uri says otherwise.
+spec's tracking.uri says otherwise. A killed or failed run resumes from its last
+checkpoint when the same command runs again, in the same MLflow run.
 """
 
 
@@ -79,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quick end-to-end check: every train stage runs one epoch of at most 3 "
         "batches, tuners 2 trials; tracked as <name>-smoke in its own run folder",
+    )
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over instead of resuming an unfinished earlier run of this spec "
+        "(its backup is kept aside in the run folder) and track a new MLflow run",
+    )
+    resume.add_argument(
+        "--resume-older",
+        action="store_true",
+        help="when the newest resume snapshot is damaged, set it aside and continue "
+        "from the older good one",
     )
     p.add_argument(
         "--workers",
@@ -159,7 +174,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # `kill` behaves like Ctrl+C: the MLflow run is closed as KILLED, checkpoints stay.
     signal.signal(signal.SIGTERM, terminate)
     print(f"dlpipe: running {spec.name} ({len(spec.stages)} stages) from {args.spec}")
-    ctx = run_pipeline(spec, host, smoke=args.smoke)
+    ctx = run_pipeline(
+        spec, host, smoke=args.smoke, restart=args.restart, resume_older=args.resume_older
+    )
     print(f"dlpipe: done; outputs in {ctx.run_dir}")
     return 0
 
@@ -245,6 +262,13 @@ COMMANDS = {
 }
 
 
+def _quiet_broken_pipe() -> int:
+    # The reader went away (`dlpipe plugins | head`): stop quietly, like other tools.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -263,13 +287,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader went away (`dlpipe plugins | head`): stop quietly, like other tools.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+        return _quiet_broken_pipe()
+    except OSError as exc:  # a full disk while writing a plot, say
+        from dlpipe.checkpoint import write_error_reason
+
+        if debug:
+            raise
+        reason = write_error_reason(exc)
+        if reason is None:
+            return _unexpected(exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not write{where}: {reason}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the user asked for no tracebacks
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print("(run again with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> int:
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print("(run again with --debug for the traceback)", file=sys.stderr)
+    return 1

@@ -47,6 +47,15 @@ class RunContext:
     #: ``dlpipe run --smoke``: an end-to-end check, not an experiment. Train stages run
     #: one short epoch, tuners two trials; stages with long loops should cut them too.
     smoke: bool = False
+    #: ``dlpipe run --restart``: ignore what an earlier, unfinished run of this spec
+    #: left (its backup is set aside, not deleted) and start a new tracked run.
+    restart: bool = False
+    #: ``dlpipe run --resume-older``: when the newest resume snapshot is damaged, set
+    #: it aside and continue from the older good one.
+    resume_older: bool = False
+    #: Folders of resume state (train stages' backups) that the engine removes once
+    #: the whole run has finished: until then a re-run resumes from them.
+    discard_on_success: list[Path] = field(default_factory=list)
     #: Free space for plugins; key it by your plugin's name.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -67,18 +67,62 @@ class DataBundle:
         import tensorflow as tf
 
         x = self.x[split]
-        y = self.y.get(split)
-        w = self.weights.get(split)
-        if y is None:
-            items: Any = x
-        elif w is None:
-            items = (x, y)
-        else:
-            items = (x, y, np.asarray(w, dtype=np.float32))
-        ds = tf.data.Dataset.from_tensor_slices(items).cache()
+        ds = tf.data.Dataset.from_tensor_slices(self._items(split)).cache()
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        return self._finish_pipeline(ds, augment)
+
+    def epoch_dataset(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        first_epoch: int = 0,
+        epochs: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: bool = False,
+    ) -> Any:
+        """The batches of epochs ``first_epoch .. epochs - 1`` back to back, for
+        ``fit(steps_per_epoch=ceil(n / batch_size))``.
+
+        Each epoch's order is a permutation drawn from ``(seed, epoch)`` alone
+        (``stateless_shuffle``), not from a generator that advances as epochs go by,
+        so a run resumed at epoch ``k`` sees exactly the batches an uninterrupted run
+        sees from epoch ``k`` on.
+        """
+        import tensorflow as tf
+
+        n = self.size(split)
+        arrays = tf.nest.map_structure(tf.convert_to_tensor, self._items(split))
+
+        def one_epoch(epoch: Any) -> Any:
+            order = tf.range(n, dtype=tf.int64)
+            if shuffle:
+                key = tf.stack([tf.constant(seed, tf.int64), epoch])
+                order = tf.random.experimental.stateless_shuffle(order, seed=key)
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+            return batches.map(lambda idx: tf.nest.map_structure(
+                lambda a: tf.gather(a, idx), arrays))
+
+        ds = tf.data.Dataset.range(first_epoch, max(epochs, first_epoch)).flat_map(one_epoch)
+        return self._finish_pipeline(ds, augment)
+
+    def _items(self, split: str) -> Any:
+        """``x``, ``(x, y)`` or ``(x, y, w)`` for a split, as ``fit`` takes them."""
+        x = self.x[split]
+        y = self.y.get(split)
+        w = self.weights.get(split)
+        if y is None:
+            return x
+        if w is None:
+            return (x, y)
+        return (x, y, np.asarray(w, dtype=np.float32))
+
+    def _finish_pipeline(self, ds: Any, augment: bool) -> Any:
+        import tensorflow as tf
+
         if augment and self.augmenters:
             pipeline = list(self.augmenters)
 

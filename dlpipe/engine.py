@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dlpipe import paths
 from dlpipe.context import RunContext
+from dlpipe.errors import DlpipeError
 from dlpipe.plugins import PluginHost
 from dlpipe.spec import ResolvedSpec, ResolvedStage
 
@@ -62,8 +67,48 @@ def driver_index(spec: ResolvedSpec, plugins: PluginHost) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this process: two runs of the same spec at once would
+    write the same checkpoints. The lock file holds the owner's pid; the kernel drops
+    the lock when the process dies, so a killed run never leaves a stale lock."""
+    import fcntl
+
+    # Tune workers (dlpipe run --workers) share a spec; each gets its own lock.
+    worker = os.environ.get("DLPIPE_TUNE_WORKER")
+    path = run_dir / (f".lock-worker-{worker}" if worker else ".lock")
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise DlpipeError(
+                f"another run of this spec (pid {owner}) is using its run folder {run_dir}.\n"
+                f"    Wait for it to finish, or stop it (kill {owner}) and re-run this "
+                "command to resume it. To run a second copy side by side, give it another "
+                "name: --set name=<other name>."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def run_pipeline(
-    spec: ResolvedSpec, plugins: PluginHost, run_dir: Path | None = None, *, smoke: bool = False
+    spec: ResolvedSpec,
+    plugins: PluginHost,
+    run_dir: Path | None = None,
+    *,
+    smoke: bool = False,
+    restart: bool = False,
+    resume_older: bool = False,
 ) -> RunContext:
     """Run every stage of ``spec``. Lifecycle hooks see the start, each stage, the end
     and any error; the error is re-raised after ``on_run_error``.
@@ -74,13 +119,27 @@ def run_pipeline(
     ``smoke=True`` is a quick end-to-end check (:attr:`RunContext.smoke`): it gets its
     own run folder, so it neither resumes nor disturbs the real run, and is tracked as
     ``<name>-smoke`` with the tag ``dlpipe.smoke=true``.
+
+    A run that was killed or failed resumes when run again: train stages continue
+    from their last snapshot (``restart=True`` starts over; ``resume_older=True``
+    skips a damaged newest snapshot). The resume state is removed once the run has
+    finished. The run folder is locked while the run lasts.
     """
     if run_dir is None:
         run_dir = run_dir_for(spec)
         if smoke:
             run_dir = run_dir.with_name(run_dir.name + "-smoke")
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir, smoke=smoke)
+    with run_dir_lock(run_dir):
+        return _run_locked(spec, plugins, run_dir, smoke, restart, resume_older)
+
+
+def _run_locked(
+    spec: ResolvedSpec, plugins: PluginHost, run_dir: Path, smoke: bool, restart: bool,
+    resume_older: bool,
+) -> RunContext:
+    ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir, smoke=smoke,
+                     restart=restart, resume_older=resume_older)
     if smoke:
         ctx.run_name = f"{spec.model.tracking.run_name or spec.name}-smoke"
         ctx.tags["dlpipe.smoke"] = "true"
@@ -100,7 +159,16 @@ def run_pipeline(
         raise
     ctx.stage = None
     ctx.hook.after_run(context=ctx)
+    discard_resume_state(ctx)
     return ctx
+
+
+def discard_resume_state(ctx: RunContext) -> None:
+    """The run finished: its resume snapshots are no longer needed (a re-run of the
+    spec is a new run)."""
+    for folder in ctx.discard_on_success:
+        shutil.rmtree(folder, ignore_errors=True)
+    ctx.discard_on_success.clear()
 
 
 def run_nested(
@@ -144,6 +212,7 @@ def run_nested(
         raise
     ctx.stage = None
     ctx.hook.after_run(context=ctx)
+    discard_resume_state(ctx)
     return ctx
 
 

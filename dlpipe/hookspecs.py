@@ -81,6 +81,8 @@ class StageRegistrar(Protocol):
         params: type[Params] | None = None,
         description: str = "",
         runs_previous: bool = False,
+        needs: Sequence[str] | None = None,
+        provides: Sequence[str] | None = None,
     ) -> None:
         """Register stage implementation ``name`` for stage ``kind``.
 
@@ -94,6 +96,23 @@ class StageRegistrar(Protocol):
             the engine, as a tuner does (once per trial, each a nested run through
             :func:`dlpipe.engine.run_nested`). The engine then starts the pipeline with
             this stage; stages after it run normally. A spec may hold one such stage.
+        :param needs: what the stages before it must have provided, as names such as
+            ``"data"``, ``"model"`` or ``"trained_model"``. ``dlpipe validate`` checks
+            every stage's needs against what the stages listed before it provide, so
+            a spec that puts train before model fails before TensorFlow loads, with
+            a message naming the stage, what it needs and what to add.
+        :param provides: what it leaves in the run context for the stages after it.
+            Names are free: a plugin may add its own (``"exported_model"``) for its
+            own stages to need. What a stage provides stays available to every later
+            stage; a ``runs_previous`` stage sees what the stages before it provide.
+
+            ``None`` (the default) means the usual contract of the kind
+            (:data:`dlpipe.plugins.STAGE_DEFAULTS`): ``data`` provides ``data``;
+            ``augment`` needs ``data``; ``model`` (every architecture) needs ``data``
+            and provides ``model``; ``train`` needs ``data`` and ``model`` and
+            provides ``trained_model``; ``evaluate`` and ``tune`` need ``data`` and
+            ``model``. A kind of the plugin's own needs and provides nothing unless
+            it says; ``()`` says so explicitly for a built-in kind.
         """
 
 

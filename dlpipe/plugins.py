@@ -60,6 +60,19 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
 
 
+#: What a stage of each kind needs from the stages before it and provides to those
+#: after it, when its registration does not say (see :class:`hookspecs.StageRegistrar`).
+#: A kind not listed here needs and provides nothing by default.
+STAGE_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": ((), ("data",)),
+    "augment": (("data",), ()),
+    "model": (("data",), ("model",)),
+    "train": (("data", "model"), ("trained_model",)),
+    "evaluate": (("data", "model"), ()),
+    "tune": (("data", "model"), ()),
+}
+
+
 @dataclass
 class StageEntry:
     kind: str
@@ -69,6 +82,9 @@ class StageEntry:
     description: str
     plugin: str
     runs_previous: bool = False
+    #: What earlier stages must have provided; what this stage provides to later ones.
+    needs: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def function(self) -> Callable[..., Any]:
         return resolve_ref(self.run, f"stage {self.kind}/{self.name}")
@@ -133,6 +149,8 @@ class Registry:
             params: type[Params] | None = None,
             description: str = "",
             runs_previous: bool = False,
+            needs: Sequence[str] | None = None,
+            provides: Sequence[str] | None = None,
         ) -> None:
             _check_name(plugin, "stage kind", kind)
             _check_name(plugin, "stage", name)
@@ -143,11 +161,16 @@ class Registry:
                 )
             _check_callable(plugin, f"stage {kind}/{name}", run)
             params = _check_params(plugin, f"stage {kind}/{name}", params)
+            default_needs, default_provides = STAGE_DEFAULTS.get(kind, ((), ()))
+            what = f"stage {kind}/{name}"
+            needs = _check_names(plugin, f"needs of {what}", needs, default_needs)
+            provides = _check_names(plugin, f"provides of {what}", provides, default_provides)
             table = self.stages.setdefault(kind, {})
             if name in table:
                 _duplicate(f"stage '{name}' of kind '{kind}'", table[name].plugin, plugin)
             table[name] = StageEntry(
-                kind, name, run, params, description, plugin, bool(runs_previous)
+                kind, name, run, params, description, plugin, bool(runs_previous),
+                tuple(needs), tuple(provides),
             )
 
         return register
@@ -217,10 +240,24 @@ class Registry:
             model = self.models.get(name)
             if model is None:
                 return None
+            needs, provides = STAGE_DEFAULTS["model"]
             return StageEntry(
-                "model", name, MODEL_STAGE_RUN, model.params, model.description, model.plugin
+                "model", name, MODEL_STAGE_RUN, model.params, model.description, model.plugin,
+                needs=needs, provides=provides,
             )
         return self.stages.get(kind, {}).get(name)
+
+    def providers(self, what: str) -> list[str]:
+        """The stage kinds with an implementation that provides ``what`` without
+        needing it first (``model`` for "model", ``train`` for "trained_model")."""
+        kinds = {
+            kind for kind, table in self.stages.items() for e in table.values()
+            if what in e.provides and what not in e.needs
+        }
+        model_needs, model_provides = STAGE_DEFAULTS["model"]
+        if self.models and what in model_provides and what not in model_needs:
+            kinds.add("model")
+        return sorted(kinds)
 
 
 def _check_name(plugin: str, what: str, name: Any) -> None:
@@ -229,6 +266,24 @@ def _check_name(plugin: str, what: str, name: Any) -> None:
             f"plugin {plugin!r} registered a {what} with an invalid name {name!r}: "
             "use lowercase letters, digits, '_' and '-'"
         )
+
+
+def _check_names(
+    plugin: str, what: str, names: Sequence[str] | None, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """``needs``/``provides`` of a stage: ``None`` means the kind's default."""
+    if names is None:
+        return default
+    if (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise PluginError(
+            f"plugin {plugin!r}: {what} must be a list of names such as ['data', 'model'], "
+            f"got {names!r}"
+        )
+    return tuple(names)
 
 
 def _check_callable(plugin: str, what: str, ref: Any) -> None:
@@ -388,7 +443,12 @@ class _Loader:
             path = Path(entry)
             if not path.is_absolute():
                 path = base_dir / path
-            if not path.is_file():
+            try:
+                exists = path.is_file()
+            except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+                reason = getattr(exc, "strerror", None) or exc
+                raise PluginError(f"plugin file {entry!r} listed in the spec: {reason}") from None
+            if not exists:
                 raise PluginError(f"plugin file {entry!r} listed in the spec does not exist ({path})")
             module = _import_file(path, "spec")
             self.add(module, path.stem, "spec", str(path), _dist_version(module))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +36,33 @@ from dlpipe.errors import (
     format_path,
 )
 from dlpipe.params import Params
-from dlpipe.plugins import Registry
+from dlpipe.plugins import STAGE_DEFAULTS, Registry
 
 # --------------------------------------------------------------------------------------
 # YAML with positions
 # --------------------------------------------------------------------------------------
 
+#: Plain values only: no dates (``2024-02-03`` stays text), no binary, no Python objects.
 _SAFE_TAGS = {
-    "tag:yaml.org,2002:" + t
-    for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary")
+    "tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")
 }
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_TAG_NAMES = {
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "true or false",
+    "tag:yaml.org,2002:map": "a mapping",
+    "tag:yaml.org,2002:seq": "a list",
+}
+#: Bounds on what a spec may hold, so that a broken or hostile file fails with a
+#: message instead of exhausting the stack or memory: aliases let a 2 KB file stand
+#: for billions of values ("billion laughs").
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+#: Integers longer than this are refused (Python cannot even print 4300 digits).
+MAX_DIGITS = 300
+#: Dotted-path parts are key names: letters, digits, '_' and '-'.
+_PATH_PART = re.compile(r"[\w-]+")
 
 
 class YamlDocument:
@@ -66,48 +84,196 @@ class YamlDocument:
             path = path[:-1]
 
 
-def load_yaml(text: str, source: str) -> YamlDocument:
-    """Parse YAML safely: only standard tags, no duplicate keys, positions recorded."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
-        raise SpecError(source, [Problem((), f"invalid YAML: {exc.problem}", where)]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(source, [Problem((), f"invalid YAML: {exc}", Location(source))]) from None
-    finally:
-        loader.dispose()
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a spec may not hold (too deep, too large, a recursive alias)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark, path: KeyPath, expected: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.path = path
+        self.expected = expected
+
+
+@dataclass
+class _Open:
+    """A mapping or list being composed: its anchor, key path, and what it holds so far."""
+
+    anchor: str | None
+    path: KeyPath
+    values: int = 1
+    depth: int = 1
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """The safe loader without dates (they stay text), that measures while composing.
+
+    It refuses, before Python's stack or memory run out, a nesting deeper than
+    :data:`MAX_DEPTH`, an alias inside the value it names, and aliases that expand
+    the document past :data:`MAX_VALUES` values. Depth and size count what aliases
+    stand for, measured once per anchored node, never by expanding them.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.open: list[_Open] = []
+        self.total = 0  # values composed so far, aliases counted as what they repeat
+        self.measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        path = self._child_path(index)
+        alias = f"*{event.anchor}" if isinstance(event, yaml.AliasEvent) else None
+        if alias and any(o.anchor == event.anchor for o in self.open):
+            raise _Refused(
+                f"the alias {alias} is used inside the value it names, so that value would "
+                "contain itself forever",
+                event.start_mark, path, "an alias to a value defined before, outside it",
+            )
+        is_collection = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if is_collection:
+            if len(self.open) >= MAX_DEPTH:
+                raise _Refused(
+                    f"the spec nests deeper than {MAX_DEPTH} levels here",
+                    event.start_mark, path, f"at most {MAX_DEPTH} nested mappings and lists",
+                )
+            self.open.append(_Open(event.anchor, path))
+            self._count(1, event, path, None)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            done = self.open.pop() if is_collection else None
+        if done is not None:
+            self.measured[id(node)] = (done.values, done.depth)
+        values, depth = self.measured.get(id(node), (1, 0))
+        if not is_collection:
+            self._count(values, event, path, alias)
+        if self.open:
+            into = self.open[-1]
+            into.values += values
+            into.depth = max(into.depth, depth + 1)
+            if len(self.open) + depth > MAX_DEPTH:
+                raise _Refused(
+                    f"the alias {alias} nests the spec deeper than {MAX_DEPTH} levels",
+                    event.start_mark, path, f"at most {MAX_DEPTH} nested mappings and lists",
+                )
+        return node
+
+    def _count(self, values: int, event: Any, path: KeyPath, alias: str | None) -> None:
+        self.total += values
+        if self.total > MAX_VALUES:
+            what = f"the alias {alias} stands for {values:,} values; with it " if alias else ""
+            raise _Refused(
+                f"{what}the spec holds more than {MAX_VALUES:,} values",
+                event.start_mark, path,
+                f"at most {MAX_VALUES:,} values, counting each alias as the values it repeats",
+            )
+
+    def _child_path(self, index: Any) -> KeyPath:
+        if not self.open:
+            return ()
+        base = self.open[-1].path
+        if isinstance(index, int):
+            return (*base, index)
+        if isinstance(index, yaml.ScalarNode):
+            return (*base, str(index.value))
+        return base  # a mapping's key, or a key that is not a plain name
+
+
+def _parse(text: str, source: str) -> YamlDocument | None:
+    """Parse one YAML document safely; ``None`` when it holds nothing."""
     positions: dict[KeyPath, Location] = {}
     problems: list[Problem] = []
-    if node is None:
-        raise SpecError(source, [Problem((), "the file is empty", Location(source, 1, 1))])
 
     def loc(n: yaml.Node) -> Location:
         return Location(source, n.start_mark.line + 1, n.start_mark.column + 1)
 
+    try:
+        loader = _SpecLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        raise SpecError(source, [_reader_problem(exc, text, source)]) from None
+    try:
+        node = loader.get_single_node()
+    except _Refused as exc:
+        mark = exc.problem_mark
+        where = Location(source, mark.line + 1, mark.column + 1)
+        # The first few keys say where; the line and column say exactly.
+        raise SpecError(source, [Problem(exc.path[:6], str(exc.problem), where,
+                                         expected=exc.expected)]) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
+        problem = str(exc.problem)
+        if exc.context and problem.startswith("but "):  # "expected a single document ..."
+            problem = f"{exc.context} {problem}"
+        raise SpecError(source, [Problem((), f"invalid YAML: {problem}", where)]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(source, [Problem((), f"invalid YAML: {exc}", Location(source))]) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        return None
+
+    def refuse_tag(n: yaml.Node, path: KeyPath) -> bool:
+        if n.tag in _SAFE_TAGS:
+            return False
+        shown = n.tag.replace("tag:yaml.org,2002:", "!!")
+        if n.tag == _TIMESTAMP_TAG:
+            message = "the YAML tag '!!timestamp' is not allowed: dates are written as text"
+        else:
+            message = f"the YAML tag {shown!r} is not allowed"
+        problems.append(Problem(path, message, loc(n),
+                                expected="plain YAML values (only safe loading is supported)"))
+        return True
+
+    def scalar(n: yaml.Node, path: KeyPath) -> Any:
+        if not isinstance(n, yaml.ScalarNode):
+            kind = "list" if isinstance(n, yaml.SequenceNode) else "mapping"
+            problems.append(Problem(path, f"the YAML tag {n.tag!r} does not fit a {kind}",
+                                    loc(n), expected="no tag on a list or mapping"))
+            return None
+        what = _TAG_NAMES.get(n.tag, "a value")
+        if n.tag == "tag:yaml.org,2002:int" and len(n.value) > MAX_DIGITS:
+            problems.append(Problem(path, f"the number has {len(n.value)} digits", loc(n),
+                                    expected=f"a number of at most {MAX_DIGITS} digits"))
+            return None
+        try:
+            value = loader.construct_object(n, deep=True)
+        except (yaml.YAMLError, ValueError, KeyError, TypeError):
+            problems.append(Problem(path, f"{_short(n.value)!r} cannot be read as {what}",
+                                    loc(n), expected=what))
+            return None
+        if isinstance(value, str) and not _is_text(value):
+            problems.append(Problem(path, "the text holds a lone surrogate (an escape in "
+                                    "\\ud800-\\udfff), which is not a character", loc(n),
+                                    expected="text of Unicode characters"))
+            return None
+        return value
+
     def build(n: yaml.Node, path: KeyPath) -> Any:
         positions.setdefault(path, loc(n))
-        if n.tag not in _SAFE_TAGS:
-            problems.append(
-                Problem(
-                    path,
-                    f"the YAML tag {n.tag!r} is not allowed",
-                    loc(n),
-                    expected="plain YAML values (only safe loading is supported)",
-                )
-            )
+        if refuse_tag(n, path):
             return None
-        if isinstance(n, yaml.MappingNode):
+        if isinstance(n, yaml.MappingNode) and n.tag == "tag:yaml.org,2002:map":
             out: dict[str, Any] = {}
             for key_node, value_node in n.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     problems.append(Problem(path, "YAML merge keys ('<<') are not supported", loc(key_node)))
                     continue
-                key = loader.construct_object(key_node) if key_node.tag in _SAFE_TAGS else None
-                if not isinstance(key, str):
-                    key = str(key)
+                if refuse_tag(key_node, path):
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    problems.append(Problem(path, "a key must be a name, not a list or mapping",
+                                            loc(key_node), expected="a plain key such as 'epochs'"))
+                    continue
+                key = str(key_node.value)
+                if not _is_text(key):
+                    problems.append(Problem(path, "a key holds a lone surrogate, which is not "
+                                            "a character", loc(key_node), expected="a plain key"))
+                    continue
                 child = (*path, key)
                 if key in out:
                     first = positions.get(child)
@@ -123,9 +289,9 @@ def load_yaml(text: str, source: str) -> YamlDocument:
                 positions[child] = loc(key_node)
                 out[key] = build(value_node, child)
             return out
-        if isinstance(n, yaml.SequenceNode):
+        if isinstance(n, yaml.SequenceNode) and n.tag == "tag:yaml.org,2002:seq":
             return [build(item, (*path, i)) for i, item in enumerate(n.value)]
-        return loader.construct_object(n, deep=True)
+        return scalar(n, path)
 
     data = build(node, ())
     if problems:
@@ -133,9 +299,44 @@ def load_yaml(text: str, source: str) -> YamlDocument:
     return YamlDocument(data, positions, source)
 
 
+def _reader_problem(exc: yaml.reader.ReaderError, text: str, source: str) -> Problem:
+    before = text[: exc.position]
+    line = before.count("\n") + 1
+    column = exc.position - (before.rfind("\n") + 1) + 1
+    char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return Problem((), f"invalid YAML: the character U+{char:04X} is not allowed in YAML text",
+                   Location(source, line, column), expected="printable text")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_yaml(text: str, source: str) -> YamlDocument:
+    """Parse YAML safely: only plain values (dates stay text), no duplicate keys,
+    bounded depth and size, positions recorded."""
+    doc = _parse(text, source)
+    if doc is None:
+        raise SpecError(source, [Problem((), "the file is empty", Location(source, 1, 1))])
+    return doc
+
+
 def read_spec_file(path: str | Path) -> YamlDocument:
     p = Path(path)
-    if not p.is_file():
+    try:
+        exists = p.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        reason = getattr(exc, "strerror", None) or exc
+        raise DlpipeError(f"cannot read spec file {str(path)!r}: {reason}") from None
+    if not exists:
         hint = ""
         parent = p.parent if str(p.parent) else Path(".")
         if parent.is_dir():
@@ -146,7 +347,21 @@ def read_spec_file(path: str | Path) -> YamlDocument:
             elif names:
                 hint = f"; specs in {parent}: {', '.join(sorted(names))}"
         raise DlpipeError(f"spec file {str(path)!r} does not exist{hint}")
-    return load_yaml(p.read_text(encoding="utf-8"), str(path))
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DlpipeError(f"cannot read spec file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode("utf-8", "replace")) + 1
+        problem = Problem(
+            (), f"the file is not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
+            Location(str(path), line, column), expected="a YAML file saved as UTF-8",
+        )
+        raise SpecError(str(path), [problem]) from None
+    return load_yaml(text, str(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -215,7 +430,9 @@ class SpecModel(BaseModel):
 
     name: str = Field(description="Pipeline name; also the default MLflow run name.")
     experiment: str | None = Field(None, description="MLflow experiment. Default: the name.")
-    seed: int = Field(0, description="Global seed for Python, NumPy and the backend.")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Global seed for Python, NumPy and the backend."
+    )
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = Field(
         "float32",
         description="Keras dtype policy. mixed_float16 computes in float16 with float32 "
@@ -338,7 +555,8 @@ def flatten_params(resolved: ResolvedSpec) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.epochs=3"`` → ``("train.epochs", 3)``; the value is read as YAML."""
+    """``"train.epochs=3"`` → ``("train.epochs", 3)``; the value is read as YAML, as in a
+    spec file (dates stay text; depth and size are bounded)."""
     if "=" not in text:
         raise DlpipeError(
             f"--set {text!r}: expected PATH=VALUE, for example --set train.epochs=3"
@@ -347,11 +565,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     path = path.strip()
     if not path or any(not part for part in path.split(".")):
         raise DlpipeError(f"--set {text!r}: {path!r} is not a dotted path like train.epochs")
+    if not value_text.strip():
+        return path, ""
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise DlpipeError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
-    return path, value
+        doc = _parse(value_text, f"--set {text}")
+    except SpecError as exc:
+        problem = exc.problems[0]
+        if problem.message.startswith("invalid YAML: "):
+            reason = problem.message.removeprefix("invalid YAML: ")
+            raise DlpipeError(f"--set {text!r}: the value is not valid YAML: {reason}") from None
+        hint = f" (expected {problem.expected})" if problem.expected else ""
+        raise DlpipeError(f"--set {text!r}: {problem.message}{hint}") from None
+    return path, None if doc is None else doc.data
 
 
 def stage_ids(data: Mapping[str, Any]) -> list[str]:
@@ -365,6 +590,15 @@ def stage_ids(data: Mapping[str, Any]) -> list[str]:
     return ids
 
 
+def _stage_position(data: Mapping[str, Any], stage_id: str) -> int | None:
+    """The index in ``stages`` of the stage called ``stage_id``."""
+    stages = data.get("stages")
+    for index, s in enumerate(stages if isinstance(stages, list) else []):
+        if isinstance(s, Mapping) and str(s.get("name") or s.get("kind")) == stage_id:
+            return index
+    return None
+
+
 def resolve_path(data: Mapping[str, Any], dotted: str) -> KeyPath:
     """Map a dotted path to a key path in the raw spec.
 
@@ -372,18 +606,30 @@ def resolve_path(data: Mapping[str, Any], dotted: str) -> KeyPath:
     "learning_rate")``. Raises :class:`DlpipeError` naming close matches.
     """
     head, *rest = dotted.split(".")
+    for part in rest:
+        if not _PATH_PART.fullmatch(part):
+            raise DlpipeError(
+                f"path {dotted!r}: {part!r} is not a key name; a path is key names joined "
+                "by dots, such as train.optimizer.learning_rate (no [index], quotes or spaces)"
+            )
     if head in TOP_LEVEL_KEYS and head != "stages":
         if head == "strategy" and rest:
             return ("strategy", "params", *rest)
         return (head, *rest)
     ids = stage_ids(data)
-    if head in ids:
+    if head == "stages":
+        raise DlpipeError(
+            f"path {dotted!r}: the list of stages cannot be set by path; name a stage "
+            "instead, as in train.epochs\n"
+            f"    stages: {', '.join(ids) or 'none'}"
+        )
+    index = _stage_position(data, head)
+    if index is not None:
         if not rest:
             raise DlpipeError(
                 f"path {dotted!r} names stage {head!r} but no parameter; "
                 f"use for example {head}.<param>=VALUE"
             )
-        index = ids.index(head)
         if rest == ["use"]:
             return ("stages", index, "use")
         return ("stages", index, "params", *rest)
@@ -436,10 +682,18 @@ def apply_overrides(doc: YamlDocument, overrides: Sequence[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
+#: What YAML 1.1 reads as a date; a spec keeps it as text but says what it is.
+_DATE = re.compile(r"\d{4}-\d\d?-\d\d?([Tt ].*)?")
+
+
 def _describe(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(abs(value)))} digits (int)"
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
+    if isinstance(value, str) and _DATE.fullmatch(value):
+        return f"{text} (a date, kept as text)"
     return f"{text} ({type(value).__name__})"
 
 
@@ -484,18 +738,22 @@ def pydantic_problems(
     """Translate a pydantic error into located problems with suggestions."""
     problems: list[Problem] = []
     seen: set[tuple[KeyPath, str]] = set()
+    found, data = _data_at(doc.data, base)
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"function-after", "function-before"})))
-        path = (*base, *loc)
         etype = err["type"]
+        if found:
+            loc = _key_path(data, err["loc"], missing=etype == "missing")
+        else:
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"function-after", "function-before"})))
+        path = (*base, *loc)
         shown = _dotted_label(label, path)
         key = (path, etype)
         if key in seen:
             continue
         seen.add(key)
-        if etype == "extra_forbidden":
+        if etype == "extra_forbidden" and loc:
             name = str(loc[-1])
-            fields = _fields_at(model, loc[:-1])
+            fields = _fields_at(model, err["loc"][:-1])
             problems.append(
                 Problem(
                     path,
@@ -520,6 +778,38 @@ def pydantic_problems(
     return problems
 
 
+def _data_at(data: Any, path: KeyPath) -> tuple[bool, Any]:
+    """``(True, value)`` at ``path`` in ``data``, or ``(False, None)`` if it is not there."""
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return False, None
+    return True, data
+
+
+def _key_path(data: Any, loc: Sequence[Any], missing: bool) -> KeyPath:
+    """The keys and indexes of ``data`` that a pydantic error location walks through.
+
+    pydantic adds steps of its own (a union member such as ``str``, a validator such
+    as ``function-after[...]``); they are not in the data and are skipped, whatever
+    they are called, so a user's key may hold any character. The key of a
+    ``missing`` error is not in the data either: it is kept as the last step.
+    """
+    path: list[str | int] = []
+    for i, part in enumerate(loc):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif not (missing and i == len(loc) - 1 and isinstance(data, dict)):
+            continue
+        path.append(part)
+    return tuple(path)
+
+
 def _dotted_label(label: str | None, path: KeyPath) -> str | None:
     """``train.optimizer.learning_rate`` for a stage param: the --set / tune path."""
     if label and len(path) > 3 and path[0] == "stages" and path[2] == "params":
@@ -537,7 +827,7 @@ def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
             return []
         f = current.model_fields.get(str(part))
         if f is None:
-            return []
+            continue  # a step of pydantic's own (a union member) or a key of a dict
         current = _model_in(f.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
@@ -662,6 +952,7 @@ def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = (
         except ValidationError as exc:
             problems.extend(pydantic_problems(exc, s_entry.params, ("strategy", "params"), doc))
 
+    problems.extend(_needs_problems(raw_stages, registry, doc))
     problems.extend(_cross_stage_problems(stages, registry, doc))
     problems.extend(_driver_problems(stages, registry, doc))
     problems.extend(_reference_problems(stages, registry, doc))
@@ -677,6 +968,51 @@ def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = (
         strategy_params=strategy_params,
         overrides=list(overrides),
     )
+
+
+def _needs_problems(raw_stages: list[Any], registry: Registry, doc: YamlDocument) -> list[Problem]:
+    """Every stage's needs (see ``register(..., needs=...)``) must be provided by a stage
+    listed before it: model after data, train after model, evaluate after a model."""
+    contracts = []  # (index, stage id, "id (kind/use)", entry or None, provides)
+    for index, raw in enumerate(raw_stages):
+        if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+            continue  # reported by the structure checks
+        kind, use = raw["kind"], raw.get("use")
+        stage_id = str(raw.get("name") or kind)
+        entry = registry.lookup_stage(kind, use) if isinstance(use, str) else None
+        provides = entry.provides if entry else STAGE_DEFAULTS.get(kind, ((), ()))[1]
+        contracts.append((index, stage_id, f"{stage_id} ({kind}/{use})", entry, provides))
+
+    problems: list[Problem] = []
+    provided: set[str] = set()
+    for n, (index, stage_id, _, entry, provides) in enumerate(contracts):
+        checked = entry is not None and not (entry.runs_previous and index == 0)
+        missing = [need for need in entry.needs if need not in provided] if checked else []
+        if missing:
+            earlier = [shown for _, _, shown, _, _ in contracts[:n]]
+            wanted = " and ".join(repr(need) for need in missing)
+            path: KeyPath = ("stages", index, "kind")
+            problems.append(Problem(
+                path,
+                f"stage {stage_id!r} needs {wanted}, which no stage before it provides",
+                doc.locate(path),
+                expected="; ".join(_how_to_provide(need, stage_id, contracts[n + 1:], registry)
+                                   for need in missing),
+                got=f"before it: {', '.join(earlier)}" if earlier else "no stage before it",
+                label=stage_id,
+            ))
+        provided.update(provides)
+    return problems
+
+
+def _how_to_provide(need: str, stage_id: str, later: list[Any], registry: Registry) -> str:
+    mover = next((c for c in later if need in c[4]), None)
+    if mover is not None:
+        return f"stage {mover[1]!r} (stages[{mover[0]}], provides {need!r}) moved before {stage_id!r}"
+    kinds = registry.providers(need)
+    if kinds:
+        return f"a {' or '.join(kinds)} stage before {stage_id!r} (it provides {need!r})"
+    return f"a stage that provides {need!r} before {stage_id!r} (no registered stage does)"
 
 
 def _cross_stage_problems(

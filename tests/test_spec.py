@@ -199,3 +199,216 @@ def test_strategy_validation(host):
     assert "unknown strategy 'mirored'" in msg and "did you mean: mirrored?" in msg
     spec = check(GOOD.replace("seed: 3", "seed: 3\nstrategy: {use: mirrored, params: {logical_cpus: 2}}"), host)
     assert spec.strategy_name == "mirrored" and spec.strategy_params.logical_cpus == 2
+
+
+# -- Validation never crashes: each former crash is now a located problem ---------------
+
+
+@pytest.mark.parametrize("date", ["2024-02-30", "2024-02-03"])
+def test_a_date_is_text_not_a_crash(host, date):
+    msg = problems(GOOD.replace("seed: 3", f"seed: {date}"), host)
+    assert "spec.yaml:2:1: seed:" in msg and "expected: an integer" in msg
+    assert f"got:      '{date}' (a date, kept as text)" in msg
+
+
+def test_a_date_in_an_override_is_text(host):
+    msg = problems(GOOD, host, ["seed=2024-13-01"])
+    assert "--set seed=2024-13-01: seed:" in msg
+    assert "got:      '2024-13-01' (a date, kept as text)" in msg
+    assert parse_override("name=2024-02-30") == ("name", "2024-02-30")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("!!timestamp 2001-12-14", "the YAML tag '!!timestamp' is not allowed: dates are written as text"),
+        ("!!binary aGVsbG8=", "the YAML tag '!!binary' is not allowed"),
+        ("!!int x", "'x' cannot be read as an integer"),
+        ("!!bool maybe", "'maybe' cannot be read as true or false"),
+        ("!!float x", "'x' cannot be read as a number"),
+        ("!!map x", "'x' cannot be read as a mapping"),
+        ("!!str [1]", "the YAML tag 'tag:yaml.org,2002:str' does not fit a list"),
+        ("9" * 400, "the number has 400 digits"),
+        ("0x" + "f" * 5000, "the number has 5002 digits"),
+        ('"\\uD800"', "the text holds a lone surrogate (an escape in \\ud800-\\udfff), which "
+                      "is not a character"),
+    ],
+)
+def test_values_yaml_cannot_construct_are_problems(value, message):
+    with pytest.raises(SpecError) as info:
+        load_yaml(f"name: t\nseed: {value}\n", "v.yaml")
+    assert "v.yaml:2:7: seed: " + message in str(info.value)
+
+
+def test_keys_that_are_not_names():
+    with pytest.raises(SpecError) as info:
+        load_yaml('name: t\n? [1, 2]\n: x\n"\\uD800": 1\n!!python/name:os.system : 2\n', "k.yaml")
+    msg = str(info.value)
+    assert "k.yaml:2:3: <top level>: a key must be a name, not a list or mapping" in msg
+    assert "a key holds a lone surrogate, which is not a character" in msg
+    assert "k.yaml:5:1: <top level>: the YAML tag '!!python/name:os.system' is not allowed" in msg
+
+
+def test_a_key_is_kept_as_written():
+    assert load_yaml("~: 1\n1: 2\ntrue: 3\n", "k.yaml").data == {"~": 1, "1": 2, "true": 3}
+
+
+def test_two_documents_in_one_file():
+    with pytest.raises(SpecError) as info:
+        load_yaml("name: a\n---\nname: b\n", "two.yaml")
+    assert "two.yaml:2:1: <top level>: invalid YAML: expected a single document in the " \
+           "stream but found another document" in str(info.value)
+
+
+def test_a_control_character_has_a_line_and_column():
+    with pytest.raises(SpecError) as info:
+        load_yaml("name: t\nseed: 1\x00\n", "c.yaml")
+    assert "c.yaml:2:8: <top level>: invalid YAML: the character U+0000 is not allowed " \
+           "in YAML text" in str(info.value)
+
+
+def test_a_byte_that_is_not_utf8_has_a_line_and_column(tmp_path):
+    from dlpipe.spec import read_spec_file
+
+    path = tmp_path / "b.yaml"
+    path.write_bytes("name: tés\nseed: 1\nstages: [x\xff]\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    with pytest.raises(SpecError) as info:
+        read_spec_file(path)
+    msg = str(info.value)
+    assert f"{path}:3:11: <top level>: the file is not UTF-8 text: byte 0xff cannot be " \
+           "decoded" in msg
+    assert "expected: a YAML file saved as UTF-8" in msg
+
+
+def test_an_unreadable_spec_path(tmp_path):
+    from dlpipe.spec import read_spec_file
+
+    with pytest.raises(DlpipeError, match="cannot read spec file .*: File name too long"):
+        read_spec_file(tmp_path / ("a" * 5000 + ".yaml"))
+
+
+def test_a_bracket_in_a_key_is_reported_at_that_key(host):
+    msg = problems(GOOD.replace("epochs: 2", "epochs[0]: 2"), host)
+    assert "spec.yaml:13:7: stages[2].params.epochs[0] (train.epochs[0]): unknown key " \
+           "'epochs[0]'" in msg
+    assert "did you mean: epochs?" in msg
+
+
+def test_a_nested_unknown_key_lists_the_nested_fields(host):
+    msg = problems(GOOD.replace("learning_rate: 0.01", "learning_rat: 0.01"), host)
+    assert "stages[2].params.optimizer.learning_rat (train.optimizer.learning_rat): " \
+           "unknown key 'learning_rat'" in msg
+    assert "did you mean: learning_rate?" in msg
+
+
+def test_union_members_are_not_keys(host):
+    msg = problems(GOOD.replace("seed: 3", "seed: 3\nstrategy: {use: [x]}"), host)
+    assert "spec.yaml:3:12: strategy.use: Input should be a valid string" in msg
+    assert "StrategySpec" not in msg
+    msg = problems(GOOD.replace("seed: 3", "seed: 3\nstrategy: {use: auto, param: {}}"), host)
+    assert "strategy.param: unknown key 'param'" in msg and "did you mean: params?" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.optimizer.lr[1]=1", "path 'train.optimizer.lr[1]': 'lr[1]' is not a key name; a "
+         "path is key names joined by dots, such as train.optimizer.learning_rate (no [index], "
+         "quotes or spaces)"),
+        ("a[0]=1", "path 'a[0]': 'a[0]' is neither a top-level key nor a stage name"),
+        ("stages=5", "path 'stages': the list of stages cannot be set by path; name a stage "
+         "instead, as in train.epochs\n    stages: data, model, train"),
+        ("seed=&a [*a]", "--set 'seed=&a [*a]': the alias *a is used inside the value it "
+         "names, so that value would contain itself forever"),
+        ("seed=[", "--set 'seed=[': the value is not valid YAML: "),
+        ("seed=!!binary aGk=", "--set 'seed=!!binary aGk=': the YAML tag '!!binary' is not "
+         "allowed"),
+        ("seed=" + "[" * 70 + "]" * 70, "the spec nests deeper than 64 levels here (expected "
+         "at most 64 nested mappings and lists)"),
+    ],
+)
+def test_bad_overrides_are_explained(host, override, message):
+    with pytest.raises(DlpipeError) as info:
+        check(GOOD, host, [override])
+    assert message in str(info.value)
+
+
+def test_an_override_reaches_the_right_stage_past_a_broken_one(host):
+    doc = load_yaml(GOOD.replace("stages:\n", "stages:\n  - just text\n"), "spec.yaml")
+    apply_overrides(doc, ["train.epochs=7"])
+    assert doc.data["stages"][3]["params"]["epochs"] == 7
+
+
+def test_a_recursive_alias_is_refused_at_its_line():
+    with pytest.raises(SpecError) as info:
+        load_yaml("name: t\nloop: &r [1, *r]\n", "r.yaml")
+    msg = str(info.value)
+    assert "r.yaml:2:14: loop[1]: the alias *r is used inside the value it names" in msg
+    assert "expected: an alias to a value defined before, outside it" in msg
+
+
+def test_deep_nesting_is_refused_before_the_stack_runs_out():
+    with pytest.raises(SpecError) as info:
+        load_yaml("name: t\ndeep: " + "[" * 500 + "]" * 500 + "\n", "d.yaml")
+    msg = str(info.value)
+    assert "d.yaml:2:70: deep[0][0][0][0][0]: the spec nests deeper than 64 levels here" in msg
+    load_yaml("deep: " + "[" * 63 + "]" * 63 + "\n", "d.yaml")  # 64 levels with the top
+
+
+def test_aliases_count_towards_the_depth():
+    text = "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n"
+    with pytest.raises(SpecError) as info:
+        load_yaml(text, "d.yaml")
+    assert "d.yaml:2:34: b[0][0][0][0][0]: the alias *a nests the spec deeper than 64 " \
+           "levels" in str(info.value)
+
+
+def laughs(levels: int) -> str:
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_quickly():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        load_yaml(laughs(9), "laughs.yaml")
+    assert time.monotonic() - start < 2
+    msg = str(info.value)
+    assert "laughs.yaml:5:45: l4[7]: the alias *l3 stands for 11,111 values; with it the " \
+           "spec holds more than 100,000 values" in msg
+    assert "expected: at most 100,000 values, counting each alias as the values it repeats" in msg
+    assert len(load_yaml(laughs(3), "ok.yaml").data["l3"]) == 10  # small ones are fine
+
+
+def test_too_many_plain_values(monkeypatch):
+    import dlpipe.spec
+
+    monkeypatch.setattr(dlpipe.spec, "MAX_VALUES", 10)
+    with pytest.raises(SpecError) as info:
+        load_yaml("a: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n", "n.yaml")
+    assert "n.yaml:1:26: a[7]: the spec holds more than 10 values" in str(info.value)  # keys count
+
+
+@pytest.mark.parametrize(("seed", "expected"), [("-1", "a number >= 0"), ("4294967296", "a number < 4294967296")])
+def test_the_seed_is_checked_before_tensorflow(host, seed, expected):
+    msg = problems(GOOD.replace("seed: 3", f"seed: {seed}"), host)
+    assert "spec.yaml:2:1: seed:" in msg and f"expected: {expected}" in msg
+    assert check(GOOD.replace("seed: 3", "seed: 4294967295"), host).model.seed == 2**32 - 1
+
+
+def test_a_long_integer_is_described_by_its_size(host):
+    msg = problems(GOOD.replace("seed: 3", "seed: " + "9" * 30), host)
+    assert "got:      an integer of 30 digits (int)" in msg
+
+
+def test_an_unreadable_plugin_path_is_a_plugin_error(tmp_path):
+    from dlpipe.errors import PluginError
+    from dlpipe.plugins import load_plugins
+
+    with pytest.raises(PluginError, match="plugin file 'a+.py' listed in the spec: File name too long"):
+        load_plugins(plugin_dirs=[], entry_points=False, spec_plugins=["a" * 5000 + ".py"],
+                     spec_dir=tmp_path)

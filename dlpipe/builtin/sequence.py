@@ -234,7 +234,8 @@ def register_stages(register):
              "Right vs wrong equations ('35+61=96' / '35+61=97'), character tokens, "
              "balanced binary labels (text classification).")
     register("tokenize", "tokenizer", f"{_DATA}:tokenizer", TokenizerParams,
-             "Re-tokenize sequence data (char or learned subword BPE); logs the vocabulary.")
+             "Re-tokenize sequence data (char or learned subword BPE); logs the vocabulary.",
+             needs=("data",), provides=("data",))
     register("evaluate", "seq2seq_report", "dlpipe.stages.seq_report:seq2seq_report",
              Seq2SeqReportParams,
              "Greedy (and beam) decoding: sequence/token accuracy, examples, attention maps.")

@@ -171,6 +171,21 @@ class CheckpointParams(Params):
     )
 
 
+class DivergenceParams(Params):
+    """Stop a run whose loss explodes without reaching NaN (see ``docs/training.md``)."""
+
+    enabled: bool = True
+    factor: float = Field(
+        100.0,
+        gt=1,
+        description="Stop when the training loss exceeds factor x a reference: log(classes) "
+        "for a classifier trained with cross-entropy, else the first epoch's loss.",
+    )
+    max_loss: float | None = Field(
+        None, gt=0, description="Also stop when the training loss exceeds this value."
+    )
+
+
 class KerasFitParams(Params):
     """Train the model with ``model.fit``."""
 
@@ -210,8 +225,16 @@ class KerasFitParams(Params):
         description="After training, load the best checkpoint (checkpoint.monitor) into the "
         "model before it is saved and evaluated.",
     )
-    resume: bool = Field(True, description="BackupAndRestore: a re-run of a killed run resumes.")
+    resume: bool = Field(
+        True,
+        description="Keep a resume snapshot in the run folder (every checkpoint.every_seconds): "
+        "a re-run of a killed or failed run continues where it stopped.",
+    )
     nan_guard: bool = Field(True, description="Stop and fail when any logged loss is NaN/inf.")
+    divergence: DivergenceParams = Field(
+        default_factory=DivergenceParams,
+        description="Stop and fail when the training loss explodes (on by default).",
+    )
     save_model: bool = Field(
         True, description="Save model/model.keras and log it (tuning trials skip it)."
     )
@@ -233,4 +256,4 @@ class KerasFitParams(Params):
 def register_stages(register):
     register("train", "keras_fit", "dlpipe.stages.train:keras_fit", KerasFitParams,
              "model.fit with optimizer, schedule, losses, regularization, class balancing, "
-             "checkpoints and a NaN guard.")
+             "checkpoints, resume, and NaN and divergence guards.")

@@ -61,8 +61,9 @@ def clone_optimizer(optimizer: Any, learning_rate: float | None = None) -> Any:
     """A fresh optimizer configured like ``optimizer`` (no shared state).
 
     ``learning_rate`` replaces the rate. A ``LossScaleOptimizer`` (mixed precision)
-    is unwrapped, cloned and wrapped again. A learning-rate schedule is shared (it is
-    stateless), not round-tripped through its config, so unregistered schedules work.
+    is unwrapped, cloned and wrapped again. A learning-rate schedule is rebuilt from its
+    config (public serialization), so a custom schedule must be registered
+    serializable, as dlpipe's ``WarmUp`` is.
     """
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     inner = optimizer.inner_optimizer if scaled else optimizer
@@ -70,11 +71,8 @@ def clone_optimizer(optimizer: Any, learning_rate: float | None = None) -> Any:
     if learning_rate is not None:
         config["learning_rate"] = float(learning_rate)
     elif isinstance(config.get("learning_rate"), dict):
-        schedule = getattr(inner, "_learning_rate", None)
-        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-            config["learning_rate"] = schedule
-        else:
-            config["learning_rate"] = float(ops.convert_to_numpy(inner.learning_rate))
+        # A schedule, serialized by get_config: rebuild it through the public API.
+        config["learning_rate"] = keras.optimizers.schedules.deserialize(config["learning_rate"])
     config["name"] = f"d_{config.get('name') or 'optimizer'}"
     clone = type(inner).from_config(config)
     return keras.optimizers.LossScaleOptimizer(clone) if scaled else clone

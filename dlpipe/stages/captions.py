@@ -321,7 +321,8 @@ def make_bundle(
     from dlpipe.stages.data import normalize as normalize_images
     from dlpipe.stages.data import split_indices
 
-    parts = split_indices(len(images), labels, val_fraction, test_fraction, seed, stratify)
+    parts = split_indices(len(images), labels, val_fraction, test_fraction, seed, stratify,
+                          source=name)
     xs = {s: images[idx] for s, idx in parts.items()}
     xs, value = normalize_images(xs, normalize, tuple(value_range), image=True)  # type: ignore[arg-type]
     texts = {s: [captions[i] for i in idx] for s, idx in parts.items()}

@@ -2,7 +2,10 @@
 
 Every stage here ends in :func:`_finish`, which applies the options shared by all
 data stages (``limit``, ``image_size``, the seeded train/val/test split and the
-normalization fitted on the training split) and sets ``ctx.data``.
+normalization fitted on the training split) and sets ``ctx.data``. Before the split it
+checks the arrays (:mod:`dlpipe.datacheck`: numbers, no NaN or infinite values, labels
+in range, enough examples for the fractions); stages that read files check what they
+read as well, before converting it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.data import SPLITS, DataBundle
+from dlpipe.datacheck import check_arrays, check_split, stratify_problem
 from dlpipe.errors import DlpipeError, close_matches
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -73,24 +77,26 @@ def npz(ctx: Any, params: Any) -> None:
                 "name the label array with y_key or set task: unsupervised"
             )
         y = _npz_array(path, arrays, params.y_key, "y_key")
+    w = None
+    if params.weight_key is not None:
+        w = _npz_array(path, arrays, params.weight_key, "weight_key")
+    # Check the arrays as stored, so that text or NaN values are explained, not converted.
+    check_arrays(
+        path, x, y, task=task,
+        x_name=f"array '{params.x_key}'", y_name=f"array '{params.y_key}'",
+        weights=w, weights_name=f"array '{params.weight_key}'",
+    )
 
     x = _features(path, x)
     class_names: list[str] = []
     if y is not None:
-        if len(y) != len(x):
-            raise DlpipeError(
-                f"{path}: '{params.x_key}' has {len(x)} examples but "
-                f"'{params.y_key}' has {len(y)}"
-            )
         if task == "classification":
-            y = _class_labels(path, params.y_key, y)
-            class_names = [str(i) for i in range(int(y.max()) + 1)] if len(y) else []
+            y = _class_labels(y)
+            class_names = [str(i) for i in range(int(y.max()) + 1)]
         else:
             y = y.astype(np.float32)
-    weights = None
-    if params.weight_key is not None:
-        weights = _sample_weights(path, _npz_array(path, arrays, params.weight_key, "weight_key"), len(x))
-    _finish(ctx, params, path.stem, x, y, task, class_names, weights=weights)
+    weights = None if w is None else _sample_weights(path, w, len(x))
+    _finish(ctx, params, path.stem, x, y, task, class_names, weights=weights, source=str(path))
 
 
 def image_directory(ctx: Any, params: Any) -> None:
@@ -129,7 +135,8 @@ def image_directory(ctx: Any, params: Any) -> None:
     x = np.stack(images).astype(np.float32)
     y = np.asarray(labels, dtype=np.int32)
     # Images are already at image_size; don't resize them a second time.
-    _finish(ctx, params, root.name, x, y, "classification", list(files_by_class), resize=False)
+    _finish(ctx, params, root.name, x, y, "classification", list(files_by_class), resize=False,
+            source=str(root))
 
 
 def keras_dataset(ctx: Any, params: Any) -> None:
@@ -203,15 +210,20 @@ def _finish(
     *,
     resize: bool = True,
     weights: np.ndarray | None = None,
+    source: str | None = None,
 ) -> DataBundle:
-    """Limit, resize, split, normalize; set ``ctx.data`` and report the result.
+    """Limit, check, resize, split, normalize; set ``ctx.data`` and report the result.
 
     ``weights`` (optional per-example loss weights) are split with the examples.
+    ``source`` (default: ``name``) starts the messages of the data checks: the file
+    or folder the stage read.
     """
+    source = source or name
     if params.limit is not None:
         x = x[: params.limit]
         y = None if y is None else y[: params.limit]
         weights = None if weights is None else weights[: params.limit]
+    check_arrays(source, x, y, task=task, num_classes=len(class_names) or None, weights=weights)
     image = x.ndim == 4
     size = getattr(params, "image_size", None)
     if size is not None and resize:
@@ -223,7 +235,9 @@ def _finish(
 
     seed = params.seed if params.seed is not None else ctx.seed
     stratify = params.stratify and task == "classification" and y is not None
-    parts = split_indices(len(x), y, params.val_fraction, params.test_fraction, seed, stratify)
+    parts = split_indices(
+        len(x), y, params.val_fraction, params.test_fraction, seed, stratify, source=source
+    )
     xs = {s: x[idx] for s, idx in parts.items()}
     ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
     ws = {s: None if weights is None else weights[idx] for s, idx in parts.items()}
@@ -270,25 +284,35 @@ def split_indices(
     test_fraction: float,
     seed: int,
     stratify: bool,
+    *,
+    source: str = "data",
 ) -> dict[str, np.ndarray]:
-    """The example indices of each split (see :func:`split_arrays`)."""
+    """The example indices of each split (see :func:`split_arrays`).
+
+    Fails with a :class:`DlpipeError` (starting with ``source``) when the fractions
+    leave no training examples. Where a stratified cut is impossible (a class with a
+    single example, fewer examples than classes) it says so and cuts without.
+    """
+    check_split(source, n, val_fraction, test_fraction)
     index = np.arange(n)
     labels = y if stratify else None
 
-    def cut(idx: np.ndarray, fraction: float, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    def cut(
+        idx: np.ndarray, fraction: float, salt: int, split: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         if fraction <= 0:
             return idx, idx[:0]
-        return _train_test_split(idx, fraction, seed + salt, None if labels is None else labels[idx])
+        part = None if labels is None else labels[idx]
+        if part is not None and (problem := stratify_problem(part, fraction)):
+            print(f"data: {source}: cannot stratify the {split} split: {problem}; "
+                  "splitting it without stratification")
+            part = None
+        return _train_test_split(idx, fraction, seed + salt, part)
 
-    rest, test = cut(index, test_fraction, 0)
+    rest, test = cut(index, test_fraction, 0, "test")
     # val_fraction is a share of all examples, not of what the test split left.
     val_share = val_fraction / (1.0 - test_fraction) if val_fraction > 0 else 0.0
-    train, val = cut(rest, val_share, 1)
-    if len(train) == 0:
-        raise DlpipeError(
-            f"the training split is empty ({n} examples, val_fraction {val_fraction}, "
-            f"test_fraction {test_fraction}); use more data or smaller fractions"
-        )
+    train, val = cut(rest, val_share, 1, "val")
     return {"train": train, "val": val, "test": test}
 
 
@@ -297,14 +321,8 @@ def _train_test_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    try:
-        kept, taken = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
-    except ValueError as exc:
-        if labels is None:
-            raise DlpipeError(f"cannot split {len(idx)} examples: {exc}") from exc
-        # Too few examples of some class to stratify: fall back to a plain split.
-        print(f"data: cannot stratify ({exc}); splitting without stratification")
-        return _train_test_split(idx, fraction, seed, None)
+    # check_split and stratify_problem have ruled out scikit-learn's ValueErrors.
+    kept, taken = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
     return np.sort(kept), np.sort(taken)
 
 
@@ -402,28 +420,16 @@ def _features(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _sample_weights(path: Path, w: np.ndarray, n: int) -> np.ndarray:
+    """Weights as float32 ``(n,)``; their values were checked by ``check_arrays``."""
     w = np.ravel(w) if w.ndim == 2 and w.shape[1] == 1 else w
     if w.ndim != 1 or len(w) != n:
         raise DlpipeError(f"{path}: sample weights have shape {w.shape}; expected ({n},)")
-    w = w.astype(np.float32)
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise DlpipeError(f"{path}: sample weights must be finite and not negative")
-    return w
+    return w.astype(np.float32)
 
 
-def _class_labels(path: Path, key: str | None, y: np.ndarray) -> np.ndarray:
-    y = np.ravel(y) if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1:
-        raise DlpipeError(
-            f"{path}: class labels '{key}' have shape {y.shape}; expected (n,) integers "
-            "(one-hot labels: store their argmax)"
-        )
-    if y.size and (not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0):
-        raise DlpipeError(
-            f"{path}: class labels '{key}' must be integers 0..num_classes-1 "
-            "(for real-valued targets set task: regression)"
-        )
-    return y.astype(np.int32)
+def _class_labels(y: np.ndarray) -> np.ndarray:
+    """Labels checked by ``check_arrays`` (whole numbers from 0) as int32 ``(n,)``."""
+    return np.ravel(y).astype(np.int32)
 
 
 def _image_files(folder: Path) -> list[Path]:

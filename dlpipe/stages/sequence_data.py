@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dlpipe.data import SPLITS, DataBundle
+from dlpipe.datacheck import check_split
 from dlpipe.errors import DlpipeError
 
 PAD, START, END, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -486,17 +487,23 @@ def sort_pairs(
     return _unique(n, draw, capacity, "sort")
 
 
-def split_pairs(
-    pairs: Pairs, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, Pairs]:
-    """A seeded shuffle, then test, val and train parts."""
-    sources, targets = pairs
-    n = len(sources)
-    order = np.random.default_rng(seed + 1).permutation(n)
+def _pair_split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """How many of ``n`` pairs :func:`split_pairs` puts in each split (rounded)."""
     n_test = int(round(test_fraction * n))
     n_val = int(round(val_fraction * n))
-    if n - n_test - n_val < 1:
-        raise DlpipeError(f"no training examples left from {n} (val/test fractions too large)")
+    return {"train": max(n - n_test - n_val, 0), "val": n_val, "test": n_test}
+
+
+def split_pairs(
+    pairs: Pairs, val_fraction: float, test_fraction: float, seed: int, *, name: str = "pairs"
+) -> dict[str, Pairs]:
+    """A seeded shuffle, then test, val and train parts (``name`` starts error messages)."""
+    sources, targets = pairs
+    n = len(sources)
+    check_split(name, n, val_fraction, test_fraction, sizes=_pair_split_sizes)
+    order = np.random.default_rng(seed + 1).permutation(n)
+    sizes = _pair_split_sizes(n, val_fraction, test_fraction)
+    n_test, n_val = sizes["test"], sizes["val"]
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val],
              "train": order[n_test + n_val :]}
     return {
@@ -521,7 +528,8 @@ def _seed(ctx: Any, params: Any) -> int:
 
 
 def _finish(ctx: Any, params: Any, name: str, pairs: Pairs) -> SeqBundle:
-    texts = split_pairs(pairs, params.val_fraction, params.test_fraction, _seed(ctx, params))
+    texts = split_pairs(pairs, params.val_fraction, params.test_fraction, _seed(ctx, params),
+                        name=name)
     bundle = tokenize(name, texts)
     _publish(ctx, bundle)
     return bundle

@@ -28,6 +28,15 @@ from typing import Any
 import keras
 import numpy as np
 
+from dlpipe.checkpoint import (
+    BackupFolder,
+    Snapshot,
+    atomic_write,
+    read_model_state,
+    read_weights_npz,
+    write_model_state,
+    write_weights_npz,
+)
 from dlpipe.errors import DlpipeError, TrainingDiverged
 from dlpipe.losses import balanced_class_weights, class_weight_list, make_loss
 from dlpipe.models.common import set_term_weights
@@ -298,72 +307,188 @@ def stage_prefix(ctx: Any) -> str:
     return f"{ctx.stage.id}/" if len(trains) > 1 else ""
 
 
-class NanGuard(keras.callbacks.Callback):
-    """Stop when any logged loss (``loss``, ``d_loss``, ``val_kl_loss``...) is not finite.
+class LossGuard(keras.callbacks.Callback):
+    """Stop when a logged loss is not finite, or when training diverges.
 
-    ``keras.callbacks.TerminateOnNaN`` only watches ``loss``; models with several
-    losses report others. Checked once per epoch, off the per-batch hot path.
+    * **NaN/inf:** any logged loss (``loss``, ``d_loss``, ``val_kl_loss``...); Keras'
+      ``TerminateOnNaN`` only watches ``loss``, and models with several losses report
+      others.
+    * **Divergence** (``divergence``): ``loss`` above ``factor`` times a reference
+      (the chance-level cross-entropy ``log(classes)`` for a classifier trained with
+      cross-entropy, else the first epoch's loss), or above ``max_loss``. An exploding
+      learning rate drives a classifier's loss to 1e7 or 1e19 without ever reaching
+      NaN; without this guard such a run ends FINISHED at chance accuracy.
+
+    Checked once per epoch, off the per-batch hot path.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nan: bool, divergence: Any, chance_loss: float | None) -> None:
         super().__init__()
-        self.bad: tuple[int, str, float] | None = None
+        self.nan = nan
+        self.divergence = divergence if divergence is not None and divergence.enabled else None
+        self.reference = chance_loss
+        self.bad: tuple[int, str, float, str] | None = None
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        for key, value in (logs or {}).items():
-            if "loss" in key and np.ndim(value) == 0 and not math.isfinite(float(value)):
-                self.bad = (epoch, key, float(value))
-                self.model.stop_training = True
-                return
+        logs = logs or {}
+        if self.nan:
+            for key, value in logs.items():
+                if "loss" in key and np.ndim(value) == 0 and not math.isfinite(float(value)):
+                    self._stop(epoch, key, float(value), "")
+                    return
+        rule = self.divergence
+        value = logs.get("loss")
+        if rule is None or value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        if self.reference is None:
+            self.reference = abs(value) or 1.0  # the first epoch's loss
+            return
+        limit = rule.factor * self.reference
+        if value > limit:
+            why = (f"more than {rule.factor:g} x the reference {self.reference:.4g}; "
+                   "the training diverged")
+            self._stop(epoch, "loss", value, why)
+        elif rule.max_loss is not None and value > rule.max_loss:
+            self._stop(epoch, "loss", value, f"above divergence.max_loss={rule.max_loss:g}")
+
+    def _stop(self, epoch: int, key: str, value: float, why: str) -> None:
+        self.bad = (epoch, key, value, why)
+        self.model.stop_training = True
 
 
-class ThrottledBackup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that writes at most every ``every_seconds`` (plus on demand).
+def chance_loss(task: str, loss: Any, num_classes: int | None, own_loss: bool) -> float | None:
+    """``log(classes)``: the cross-entropy of a classifier that guesses uniformly."""
+    name = getattr(loss, "name", loss) if loss is not None else None
+    if own_loss or task != "classification" or not num_classes or num_classes < 2:
+        return None
+    if not isinstance(name, str) or "crossentropy" not in name or "focal" in name:
+        return None
+    return math.log(num_classes)
 
-    A re-run of the same spec resumes from the last backup. Saving costs ~20 ms for a
-    small model, a large share of a short epoch, so backups are paced by wall time.
+
+class Resumable:
+    """A callback whose state a resume snapshot keeps (see :class:`ResumeCheckpoint`).
+
+    ``resume_state`` returns JSON data; ``write_resume_files(folder)`` may add files
+    (named after :attr:`resume_name`); ``restore(state, folder)`` puts both back,
+    before training resumes. Restored callbacks must not reset in ``on_train_begin``.
     """
 
-    def __init__(self, backup_dir: str, every_seconds: float) -> None:
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=True)
-        self.every_seconds = every_seconds
-        self._last_save = time.monotonic()
+    resume_name = "callback"
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self._current_epoch = epoch + 1
-        self._last_batch_seen = 0
-        if time.monotonic() - self._last_save >= self.every_seconds:
-            self.save_now()
+    def resume_state(self) -> dict[str, Any]:
+        return {}
 
-    def save_now(self) -> None:
-        if self.model is not None and self.model.built:
-            self._save_model()
-            self._last_save = time.monotonic()
+    def write_resume_files(self, folder: Any) -> None:
+        pass
+
+    def restore(self, state: dict[str, Any], folder: Any) -> None:
+        pass
 
 
-class BestWeights(keras.callbacks.Callback):
-    """Keep the best weights seen (by ``monitor``) and write them at most every
-    ``every_seconds``, at the end of training, and on :meth:`flush`."""
+class BestTracker(keras.callbacks.Callback, Resumable):
+    """The best value of ``monitor`` so far, the epoch it was reached, and (when
+    ``keep_weights``) a copy of the weights at that epoch, in memory."""
 
-    def __init__(self, path: Any, monitor: str, mode: str, every_seconds: float) -> None:
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
+                 keep_weights: bool = True) -> None:
         super().__init__()
-        self.path = path
         self.monitor = monitor
-        self.better = np.less if mode == "min" else np.greater
-        self.every_seconds = every_seconds
+        self.mode = mode
+        self.min_delta = abs(min_delta)
+        self.keep_weights = keep_weights
         self.best_value: float | None = None
         self.best_epoch: int | None = None
-        self._weights: list[Any] | None = None
+        self.best_weights: list[Any] | None = None
+
+    def improved(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        if self.mode == "min":
+            return value < self.best_value - self.min_delta
+        return value > self.best_value + self.min_delta
+
+    def track(self, epoch: int, logs: Any) -> bool | None:
+        """Record ``epoch``; ``True`` if it is the new best, ``None`` if unmonitored."""
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return None
+        if not self.improved(float(value)):
+            return False
+        self.best_value, self.best_epoch = float(value), epoch
+        if self.keep_weights:
+            self.best_weights = self.model.get_weights()
+        return True
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch}
+
+    def write_resume_files(self, folder: Any) -> None:
+        if self.best_weights is not None:
+            write_weights_npz(folder / f"{self.resume_name}.npz", self.best_weights)
+
+    def restore(self, state: dict[str, Any], folder: Any) -> None:
+        self.best_value = state.get("best_value")
+        self.best_epoch = state.get("best_epoch")
+        path = folder / f"{self.resume_name}.npz"
+        if self.keep_weights and path.is_file():
+            self.best_weights = read_weights_npz(path)
+
+
+class EarlyStop(BestTracker):
+    """Early stopping with state that survives a resume (Keras' ``EarlyStopping``
+    resets itself in ``on_train_begin``). Stops after ``patience`` epochs without an
+    improvement of at least ``min_delta`` and, with ``restore_best_weights``, puts the
+    best epoch's weights back when it stops."""
+
+    resume_name = "early_stopping"
+
+    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float,
+                 restore_best_weights: bool) -> None:
+        super().__init__(monitor, mode, min_delta, keep_weights=restore_best_weights)
+        self.patience = patience
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        better = self.track(epoch, logs)
+        if better is None:
+            return
+        self.wait = 0 if better else self.wait + 1
+        if self.wait >= self.patience and epoch > 0 and not better:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+            print(f"train: early stopping in epoch {epoch + 1}: no better {self.monitor} "
+                  f"for {self.patience} epochs (best {self.best_value:.4g} in epoch "
+                  f"{(self.best_epoch or 0) + 1})")
+
+    def resume_state(self) -> dict[str, Any]:
+        return {**super().resume_state(), "wait": self.wait}
+
+    def restore(self, state: dict[str, Any], folder: Any) -> None:
+        super().restore(state, folder)
+        self.wait = int(state.get("wait") or 0)
+
+
+class BestWeights(BestTracker):
+    """Keep the best weights seen (by ``monitor``) and write them to ``path`` at most
+    every ``every_seconds``, at the end of training, and on :meth:`flush`. Writes are
+    atomic, so the file on disk is always a whole earlier best."""
+
+    resume_name = "best"
+
+    def __init__(self, path: Any, monitor: str, mode: str, every_seconds: float) -> None:
+        super().__init__(monitor, mode)
+        self.path = path
+        self.every_seconds = every_seconds
         self._dirty = False
         self._last_save = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(float(value)):
-            return
-        if self.best_value is None or self.better(float(value), self.best_value):
-            self.best_value, self.best_epoch = float(value), epoch
-            self._weights = self.model.get_weights()
+        if self.track(epoch, logs):
             self._dirty = True
         if self._dirty and time.monotonic() - self._last_save >= self.every_seconds:
             self.flush()
@@ -371,16 +496,102 @@ class BestWeights(keras.callbacks.Callback):
     def on_train_end(self, logs: Any = None) -> None:
         self.flush()
 
+    def restore(self, state: dict[str, Any], folder: Any) -> None:
+        super().restore(state, folder)
+        self._dirty = self.best_weights is not None and not self.path.is_file()
+
     def flush(self) -> None:
-        if not self._dirty or self._weights is None:
+        if not self._dirty or self.best_weights is None:
             return
         current = self.model.get_weights()
-        self.model.set_weights(self._weights)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.model.save_weights(str(self.path))
-        self.model.set_weights(current)
+        self.model.set_weights(self.best_weights)
+        try:
+            atomic_write(self.path, lambda tmp: self.model.save_weights(str(tmp)))
+        finally:
+            self.model.set_weights(current)
         self._dirty = False
         self._last_save = time.monotonic()
+
+
+class ResumeCheckpoint(keras.callbacks.Callback):
+    """Write resume snapshots (:mod:`dlpipe.checkpoint`) at most every
+    ``every_seconds`` at the end of an epoch, and restore one in ``on_train_begin``.
+
+    A snapshot holds everything ``fit`` had at the end of an epoch: the weights and the
+    optimizers' state (its iteration count drives learning-rate schedules), the random
+    generators, the epoch, the history so far and the state of every
+    :class:`Resumable` callback (best-so-far, best weights, early-stopping patience).
+    It comes after those callbacks in the list, so it saves what they made of the
+    epoch; they do not reset in ``on_train_begin``, so restoring there is in time.
+    """
+
+    def __init__(self, backup: BackupFolder, every_seconds: float, epochs: int,
+                 history: dict[str, list[float]], resumables: list[Any],
+                 snapshot: Snapshot | None, guard: LossGuard | None = None) -> None:
+        super().__init__()
+        self.guard = guard
+        self.backup = backup
+        self.every_seconds = every_seconds
+        self.epochs = epochs
+        self.history = history
+        self.resumables = resumables
+        self.snapshot = snapshot
+        self.epoch = snapshot.epoch if snapshot else 0
+        self.saved_epoch = self.epoch
+        self._last_save = time.monotonic()
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self.snapshot is not None:
+            restore_snapshot(self.model, self.snapshot, self.resumables, self.history)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.guard is not None and self.guard.bad is not None:
+            return  # never save weights that diverged
+        self.epoch = epoch + 1
+        if self.model.stop_training:
+            # Early stopping may have put the best weights back; training ends here
+            # and the final snapshot follows. A kill before it replays this epoch.
+            return
+        if time.monotonic() - self._last_save >= self.every_seconds:
+            self.save()
+
+    def save(self, done: bool = False) -> None:
+        state = {
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "done": done,
+            "history": self.history,
+            "callbacks": {cb.resume_name: cb.resume_state() for cb in self.resumables},
+        }
+
+        def write(folder: Any) -> None:
+            write_model_state(self.model, folder)
+            for cb in self.resumables:
+                cb.write_resume_files(folder)
+
+        self.backup.save(state, write)
+        self.saved_epoch = self.epoch
+        self._last_save = time.monotonic()
+
+
+def _build_optimizers(model: Any) -> None:
+    """Create optimizer variables so ``load_weights`` has somewhere to put them
+    (``fit`` builds them itself before ``on_train_begin``)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+
+
+def restore_snapshot(model: Any, snapshot: Snapshot, resumables: list[Any],
+                     history: dict[str, list[float]]) -> None:
+    _build_optimizers(model)
+    read_model_state(model, snapshot)
+    states = snapshot.state.get("callbacks") or {}
+    for cb in resumables:
+        cb.restore(states.get(cb.resume_name) or {}, snapshot.folder)
+    history.clear()
+    for key, values in (snapshot.state.get("history") or {}).items():
+        history[key] = list(values)[: snapshot.epoch]
 
 
 def default_loss(task: str) -> tuple[str | None, list[str]]:
@@ -405,12 +616,12 @@ def _output_width(model: Any, data: Any) -> int | None:
 
 
 def restore_best_weights(ctx: Any, model: Any, best: BestWeights | None) -> None:
-    """Load the best checkpoint into ``model`` and report which epoch it came from."""
-    if best is None or best.best_epoch is None or not best.path.is_file():
+    """Put the best weights into ``model`` and report which epoch they came from."""
+    if best is None or best.best_epoch is None or best.best_weights is None:
         print("train: restore_best: no checkpoint was written (the monitored value was "
               "never finite); keeping the last weights")
         return
-    model.load_weights(str(best.path))
+    model.set_weights(best.best_weights)
     assert best.best_value is not None
     print(f"train: restored the best weights, epoch {best.best_epoch + 1} "
           f"({best.monitor}={best.best_value:.4g})")
@@ -478,18 +689,24 @@ def keras_fit(ctx: Any, params: Any) -> None:
 
     run_dir = ctx.run_dir
     history: dict[str, list[float]] = {}
-    guard = NanGuard()
     every = params.checkpoint.every_seconds
     prefix = stage_prefix(ctx)
     tag = prefix.rstrip("/")
-    backup_dir = run_dir / ("backup" if not tag else f"backup-{tag}")
-    backup = ThrottledBackup(str(backup_dir), every) if params.resume else None
+    backup = BackupFolder(run_dir / ("backup" if not tag else f"backup-{tag}"))
+    snapshot = None
+    if params.resume and not ctx.smoke:
+        if ctx.restart:
+            aside = backup.set_aside("restarted")
+            if aside is not None:
+                print(f"train: --restart: the earlier backup is kept aside in {aside}")
+        snapshot = backup.load(params.epochs, older=ctx.resume_older)
+    guard = LossGuard(
+        params.nan_guard, params.divergence,
+        chance_loss(task, loss, _output_width(model, data), own_loss),
+    )
     best = None
-    # The backup records an epoch before anything that may raise in on_epoch_end.
-    callbacks: list[Any] = [backup] if backup else []
-    callbacks.append(ReportEpochs(ctx, history, prefix))
-    if params.nan_guard:
-        callbacks.append(guard)
+    resumables: list[Any] = []
+    callbacks: list[Any] = [ReportEpochs(ctx, history, prefix), guard]
     if params.checkpoint.enabled:
         monitor = params.checkpoint.monitor
         if not has_val and monitor.startswith("val_"):
@@ -501,64 +718,50 @@ def keras_fit(ctx: Any, params: Any) -> None:
             every,
         )
         callbacks.append(best)
+        resumables.append(best)
     if params.early_stopping is not None:
         es = params.early_stopping
-        monitor = es.monitor if (has_val or not es.monitor.startswith("val_")) else es.monitor[4:]
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                mode=es.mode,
-                patience=es.patience,
-                min_delta=es.min_delta,
-                restore_best_weights=es.restore_best_weights,
-            )
+        stopper = EarlyStop(
+            es.monitor if (has_val or not es.monitor.startswith("val_")) else es.monitor[4:],
+            es.mode, es.patience, es.min_delta, es.restore_best_weights,
         )
+        callbacks.append(stopper)
+        resumables.append(stopper)
+    # The checkpoint comes after the epoch is in the history, has passed the loss
+    # guard (a diverged epoch is never saved) and every resumable callback has seen
+    # it, so the snapshot holds the epoch's state in full.
+    checkpoint = ResumeCheckpoint(
+        backup, every, params.epochs, history, resumables, snapshot, guard
+    )
+    if params.resume and not ctx.smoke:
+        callbacks.append(checkpoint)
 
     factory = entry.callback_factory() if entry else None
     if factory is not None:
         callbacks.extend(factory(ctx, model, data) or [])
 
-    verbose = params.verbose
-    if verbose == "auto":
-        verbose = 1 if sys.stdout.isatty() else 2
-    train_ds = data.dataset(
-        "train", params.batch_size, shuffle=params.shuffle, seed=ctx.seed, augment=True
-    )
-    val_ds = data.dataset("val", params.batch_size) if has_val else None
-    # TensorFlow and Keras leave ~500k long-lived objects; move them out of the cyclic
-    # collector's sight so full collections during training (and at exit) stay cheap.
-    gc.collect()
-    gc.freeze()
-    try:
-        # --smoke: one epoch of a few batches exercises every callback and the save.
-        smoke = {"steps_per_epoch": min(3, steps_per_epoch),
-                 "validation_steps": 2 if val_ds is not None else None} if ctx.smoke else {}
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=1 if ctx.smoke else params.epochs,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # tf.data already shuffles (seeded) before batching
-            **smoke,
-        )
-    except BaseException:
-        # Keep what training reached: the best weights, and the resume point.
-        if best is not None:
-            best.flush()
-        if backup is not None and guard.bad is None:
-            backup.save_now()
-        raise
+    if snapshot is not None and snapshot.done:
+        # Training finished in an earlier run that was stopped later (in evaluation,
+        # say): use its final weights instead of training again.
+        restore_snapshot(model, snapshot, resumables, history)
+        print(f"train: training finished in an earlier run ({snapshot.epoch} epochs; "
+              f"{snapshot.folder}); using its weights, not training again")
+    else:
+        if snapshot is not None:
+            print(f"train: resuming from {snapshot.folder} after epoch {snapshot.epoch} "
+                  f"of {params.epochs}")
+        _fit(ctx, params, model, data, callbacks, has_val, steps_per_epoch, checkpoint.epoch)
+        if guard.bad is not None:
+            raise TrainingDiverged(_guard_message(ctx, guard, backup))
+        if params.restore_best:
+            restore_best_weights(ctx, model, best)
+        if params.resume and not ctx.smoke:
+            # Training is done: a kill in a later stage must not cost it. The backup is
+            # removed once the whole run has finished.
+            checkpoint.save(done=True)
     ctx.history = history
-    if guard.bad is not None:
-        epoch, key, value = guard.bad
-        raise TrainingDiverged(
-            f"stage {ctx.stage.id!r}: {key} became {value} in epoch {epoch + 1}; training "
-            f"stopped. Checkpoints so far are kept in {run_dir / 'checkpoints'}. "
-            "Try a lower learning rate or gradient clipping (optimizer.clipnorm)."
-        )
-    if params.restore_best:
-        restore_best_weights(ctx, model, best)
+    if params.resume and not ctx.smoke:
+        ctx.discard_on_success.append(backup.folder)
     if not params.save_model:
         return
     model_dir = run_dir / "model"
@@ -566,5 +769,50 @@ def keras_fit(ctx: Any, params: Any) -> None:
     # With several train stages, the last one's model is model/model.keras.
     last = [s for s in ctx.spec.stages if s.kind == ctx.stage.kind][-1]
     path = model_dir / ("model.keras" if last.id == ctx.stage.id else f"{tag}.keras")
-    model.save(path)
+    atomic_write(path, lambda tmp: model.save(tmp))
     ctx.log_artifact(path, "model")
+
+
+def _guard_message(ctx: Any, guard: LossGuard, backup: BackupFolder) -> str:
+    assert guard.bad is not None
+    epoch, key, value, why = guard.bad
+    kept = [p for p in (ctx.run_dir / "checkpoints", backup.folder) if p.exists()]
+    where = f" Checkpoints so far are kept in {' and '.join(map(str, kept))}." if kept else ""
+    what = f"{key} became {value:.4g}" + (f" ({why})" if why else "")
+    return (
+        f"stage {ctx.stage.id!r}: {what} in epoch {epoch + 1}; training stopped.{where} "
+        "Try a lower learning rate or gradient clipping (optimizer.clipnorm)."
+    )
+
+
+def _fit(ctx: Any, params: Any, model: Any, data: Any, callbacks: list[Any], has_val: bool,
+         steps_per_epoch: int, initial_epoch: int) -> None:
+    verbose = params.verbose
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    epochs = 1 if ctx.smoke else params.epochs
+    # One pass per epoch in a fixed order per (seed, epoch), so a resumed run sees
+    # the same batches as an uninterrupted one.
+    train_ds = data.epoch_dataset(
+        "train", params.batch_size, first_epoch=initial_epoch, epochs=epochs,
+        shuffle=params.shuffle, seed=ctx.seed, augment=True,
+    )
+    val_ds = data.dataset("val", params.batch_size) if has_val else None
+    # TensorFlow and Keras leave ~500k long-lived objects; move them out of the cyclic
+    # collector's sight so full collections during training (and at exit) stay cheap.
+    gc.collect()
+    gc.freeze()
+    # --smoke: one epoch of a few batches exercises every callback and the save.
+    smoke = {"steps_per_epoch": min(3, steps_per_epoch),
+             "validation_steps": 2 if val_ds is not None else None} if ctx.smoke else {}
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        steps_per_epoch=smoke.pop("steps_per_epoch", steps_per_epoch),
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # the dataset is already in its per-epoch order
+        **smoke,
+    )
