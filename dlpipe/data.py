@@ -61,15 +61,16 @@ class DataBundle:
         augment: bool = False,
         drop_remainder: bool = False,
     ) -> Any:
-        """A cached, batched, prefetched ``tf.data.Dataset`` of ``(x, y)`` pairs,
-        ``(x, y, w)`` triples when the split has sample weights, or ``x`` alone when
-        it has no targets. Keras weights each example's loss by ``w``."""
+        """A cached, batched, prefetched ``tf.data.Dataset`` of :meth:`examples`:
+        ``(x, y)`` pairs, ``(x, y, w)`` triples when the split has sample weights, or
+        ``x`` alone when it has no targets. Keras weights each example's loss by ``w``."""
         import tensorflow as tf
 
-        x = self.x[split]
-        ds = tf.data.Dataset.from_tensor_slices(self._items(split)).cache()
-        if shuffle:
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        examples = self.examples(split)
+        ds = tf.data.Dataset.from_tensor_slices(examples).cache()
+        n = self.size(split)
+        if shuffle and n:
+            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         return self._finish_pipeline(ds, augment)
 
@@ -95,7 +96,7 @@ class DataBundle:
         import tensorflow as tf
 
         n = self.size(split)
-        arrays = tf.nest.map_structure(tf.convert_to_tensor, self._items(split))
+        arrays = tf.nest.map_structure(tf.convert_to_tensor, self.examples(split))
 
         def one_epoch(epoch: Any) -> Any:
             order = tf.range(n, dtype=tf.int64)
@@ -109,8 +110,10 @@ class DataBundle:
         ds = tf.data.Dataset.range(first_epoch, max(epochs, first_epoch)).flat_map(one_epoch)
         return self._finish_pipeline(ds, augment)
 
-    def _items(self, split: str) -> Any:
-        """``x``, ``(x, y)`` or ``(x, y, w)`` for a split, as ``fit`` takes them."""
+    def examples(self, split: str) -> Any:
+        """A split as ``fit`` takes it, one entry per example: ``x``, ``(x, y)`` or
+        ``(x, y, w)``. Bundles with other model inputs (dicts of arrays) override it
+        and, if they hold images elsewhere, :meth:`augment_batch`."""
         x = self.x[split]
         y = self.y.get(split)
         w = self.weights.get(split)
@@ -120,17 +123,21 @@ class DataBundle:
             return (x, y)
         return (x, y, np.asarray(w, dtype=np.float32))
 
+    def augment_batch(self, batch: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Run the augment stages' layers on a batch's images (its first element)."""
+        images = batch[0]
+        for layer in self.augmenters:
+            images = layer(images, training=True)
+        return (images, *batch[1:])
+
     def _finish_pipeline(self, ds: Any, augment: bool) -> Any:
         import tensorflow as tf
 
         if augment and self.augmenters:
-            pipeline = list(self.augmenters)
 
             def apply(*batch: Any) -> Any:
-                images = batch[0]
-                for layer in pipeline:
-                    images = layer(images, training=True)
-                return (images, *batch[1:]) if len(batch) > 1 else images
+                out = self.augment_batch(batch)
+                return out if len(out) > 1 else out[0]
 
             ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)

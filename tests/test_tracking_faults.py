@@ -47,6 +47,24 @@ def on_metrics(context, stage, metrics, step):
         os.remove("mlruns/mlflow.db")
 """
 
+#: A plugin that fills the disk under $FILL_DIR after the second epoch.
+FILLER = """\
+import os
+from dlpipe import hookimpl
+
+@hookimpl
+def on_metrics(context, stage, metrics, step):
+    target = os.path.join(os.environ["FILL_DIR"], "filler")
+    if step == 1 and not os.path.exists(target):
+        with open(target, "wb") as handle:
+            try:
+                while True:
+                    handle.write(bytes(65536))
+                    handle.flush()
+            except OSError:
+                pass
+"""
+
 #: A plugin that interrupts training after two epochs, once per marker file.
 STOPPER = """\
 import os
@@ -280,8 +298,8 @@ def serve_with_fault(uri, requests, replies):
             raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/model.keras")
         return log_artifact(self, run_id, local_path, artifact_path)
 
-    MlflowClient.log_batch = failing_log_batch  # type: ignore[method-assign]
-    MlflowClient.log_artifact = failing_log_artifact  # type: ignore[method-assign]
+    MlflowClient.log_batch = failing_log_batch
+    MlflowClient.log_artifact = failing_log_artifact
     tracking.serve(uri, requests, replies)
 
 
@@ -312,6 +330,51 @@ def test_full_disk_is_named_and_the_run_marked_failed(workdir, monkeypatch, caps
         f"MLflow tracking failed: {what}"
     ) in captured.out
     assert "run None" not in captured.out
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_under_the_store_then_the_run_resumes(workdir, monkeypatch):
+    """mlflow.db on a tiny tmpfs that fills up mid-run: the message names the file and
+    the full disk; once there is space again, the same command continues the run."""
+    small = workdir / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3000k", "tmpfs", str(small)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        db = small / "mlflow.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        monkeypatch.setenv("FILL_DIR", str(small))
+        (workdir / "filler.py").write_text(FILLER)
+        spec = write_spec(workdir, epochs=6, extra="plugins: [filler.py]")
+        rc, out, err, _ = run_cli(workdir, str(spec))
+        assert rc == 2, out + err
+        what = f"no space left on device for {db} (database or disk is full)"
+        assert (
+            f"error: MLflow tracking failed (sqlite:///{db}): {what}\n"
+            "    free some space there and run again, or run with --no-track"
+        ) in err
+        assert "tracking.uri" not in out + err and "run None" not in out
+        (run,) = runs_of()
+        run_id = run.info.run_id
+        # Nothing could be written, not even the end of the run.
+        assert (
+            f"mlflow: run {run_id} could not be marked FAILED in the store ({what}); "
+            "it may still show as RUNNING"
+        ) in out
+        assert run.info.status == "RUNNING"
+
+        (small / "filler").unlink()
+        rc, out, err, _ = run_cli(workdir, str(spec))
+        assert rc == 0, out + err
+        assert f"mlflow: resuming run {run_id} " in out
+        (run,) = runs_of()
+        assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    finally:
+        # This process's MLflow client may still hold the file open: detach lazily then.
+        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 @pytest.mark.slow

@@ -590,18 +590,18 @@ class Sidecar:
     def abandon(self, kind: str, text: str) -> None:
         """Give up on the tracking process (it did not answer in time): end it now."""
         self.fail(kind, text)
-        self._end()
+        self._end(grace=0)
 
-    def _end(self) -> None:
-        """End the tracking process, without waiting for more than a few seconds."""
+    def _end(self, grace: float = 15) -> None:
+        """End the tracking process; if it was not stopped, give it ``grace`` seconds to
+        close the runs it holds open as KILLED."""
         if self._stopped:
             return
         self._stopped = True
-        if self._process.is_alive():
-            # Not stopped: the runs it holds open are closed as KILLED.
+        if self._process.is_alive() and grace > 0:
             with contextlib.suppress(Exception):
                 self._requests.put(("exit",))
-            self._process.join(timeout=10)
+            self._process.join(timeout=grace)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(timeout=5)
@@ -765,6 +765,8 @@ class Tracker:
             print(f"mlflow: {sidecar.failure_message()}", flush=True)
         run_id, recorded = self.run_id, sidecar.finished.get(self.key)
         store_error = sidecar.failure[1] if sidecar.failure else "the tracking store did not answer"
+        if sidecar.failure is not None and status != "KILLED":
+            status = "FAILED"  # what the sidecar marks a run whose tracking failed
         where = f"in experiment {self.context.spec.experiment!r} ({self.uri})"
         if run_id is None:
             print(f"mlflow: the run was not recorded: {store_error}", flush=True)
@@ -775,7 +777,7 @@ class Tracker:
                   f"({store_error}); it may still show as RUNNING", flush=True)
         elif recorded == "FINISHED":
             print(f"mlflow: run {run_id} FINISHED {where}; browse it with `dlpipe ui`")
-        elif sidecar.failure is not None and recorded != status:
+        elif sidecar.failure is not None:
             print(f"mlflow: run {run_id} {recorded} {where}: MLflow tracking failed: "
                   f"{store_error}", flush=True)
         else:

@@ -172,17 +172,8 @@ class CaptionBundle(DataBundle):
         return {"images": images, "captions": captions,
                 "decoder_inputs": self.decoder_inputs(captions), "labels": labels}
 
-    def dataset(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        augment: bool = False,
-        drop_remainder: bool = False,
-    ) -> Any:
-        """Batches of ``(inputs, caption_ids, token_weights)``.
+    def examples(self, split: str) -> Any:
+        """``(inputs, caption_ids, token_weights)`` per example.
 
         ``inputs`` is a dict: ``images``; ``captions`` (the ids, for a text encoder);
         ``decoder_inputs`` (the ids shifted right behind ``START``, for teacher forcing);
@@ -190,28 +181,18 @@ class CaptionBundle(DataBundle):
         weights are 1 on tokens and ``END``, 0 on padding. A dual encoder (``clip``)
         reads ``images``, ``captions`` and ``labels`` and ignores target and weights; a
         captioner reads ``images`` and ``decoder_inputs`` and learns the target.
-        Augmentation layers of augment stages apply to ``images`` (training split only).
         """
-        import tensorflow as tf
-
         inputs = self.features(split)
         target = inputs["captions"]
-        weights = (target != PAD_ID).astype(np.float32)
-        ds = tf.data.Dataset.from_tensor_slices((inputs, target, weights)).cache()
-        if shuffle and len(target):
-            ds = ds.shuffle(len(target), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        if augment and self.augmenters:
-            pipeline = list(self.augmenters)
+        return inputs, target, (target != PAD_ID).astype(np.float32)
 
-            def apply(x: Any, y: Any, w: Any) -> Any:
-                images = x["images"]
-                for layer in pipeline:
-                    images = layer(images, training=True)
-                return {**x, "images": images}, y, w
-
-            ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+    def augment_batch(self, batch: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Augmentation layers of augment stages apply to ``images``."""
+        inputs, *rest = batch
+        images = inputs["images"]
+        for layer in self.augmenters:
+            images = layer(images, training=True)
+        return ({**inputs, "images": images}, *rest)
 
 
 def prompt_texts(templates: Sequence[str], class_fields: Sequence[dict[str, str]]) -> list[list[str]]:

@@ -248,38 +248,22 @@ class SeqBundle(DataBundle):
         start = np.full((len(y), 1), START_ID, dtype=np.int32)
         return np.concatenate([start, y[:, :-1]], axis=1).astype(np.int32)
 
-    def dataset(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        augment: bool = False,
-        drop_remainder: bool = False,
-    ) -> Any:
-        """Batches of ``({"encoder_inputs", "decoder_inputs"}, y, weights)``.
+    def examples(self, split: str) -> Any:
+        """``({"encoder_inputs", "decoder_inputs"}, y, weights)`` per example.
 
         ``decoder_inputs`` is ``y`` shifted right behind ``START`` (teacher forcing);
         ``weights`` are 1 on the target's tokens and its ``END`` and 0 on padding (all
         1 when ``mask_padding`` is off). A split without targets yields the encoder
-        ids alone. ``augment`` is ignored: augment stages work on images.
+        ids alone. Augment stages work on images, so sequence bundles have none.
         """
-        import tensorflow as tf
-
         x = np.asarray(self.x[split], dtype=np.int32)
         y = self.y.get(split)
         if y is None:
-            ds = tf.data.Dataset.from_tensor_slices(x)
-        else:
-            y = np.asarray(y, dtype=np.int32)
-            inputs = {"encoder_inputs": x, "decoder_inputs": self.decoder_inputs(y)}
-            weights = (y != PAD_ID) if self.mask_padding else np.ones_like(y, dtype=bool)
-            ds = tf.data.Dataset.from_tensor_slices((inputs, y, weights.astype(np.float32)))
-        ds = ds.cache()
-        if shuffle and len(x):
-            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+            return x
+        y = np.asarray(y, dtype=np.int32)
+        inputs = {"encoder_inputs": x, "decoder_inputs": self.decoder_inputs(y)}
+        weights = (y != PAD_ID) if self.mask_padding else np.ones_like(y, dtype=bool)
+        return inputs, y, weights.astype(np.float32)
 
 
 def encode_texts(texts: Sequence[str], vocab: Vocabulary, length: int, end: bool) -> np.ndarray:

@@ -743,9 +743,12 @@ def keras_fit(ctx: Any, params: Any) -> None:
     if snapshot is not None and snapshot.done:
         # Training finished in an earlier run that was stopped later (in evaluation,
         # say): use its final weights instead of training again.
-        restore_snapshot(model, snapshot, resumables, history)
+        with ctx.strategy.scope():  # optimizer variables are made under the strategy
+            restore_snapshot(model, snapshot, resumables, history)
         print(f"train: training finished in an earlier run ({snapshot.epoch} epochs; "
               f"{snapshot.folder}); using its weights, not training again")
+        if params.restore_best:  # the same weights; logs best_epoch for this run too
+            restore_best_weights(ctx, model, best)
     else:
         if snapshot is not None:
             print(f"train: resuming from {snapshot.folder} after epoch {snapshot.epoch} "
