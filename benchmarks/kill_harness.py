@@ -2,8 +2,8 @@
 
 Each round starts ``dlpipe run SPEC`` (the same command every time, as a user would),
 waits until training is under way, sleeps a random time and sends SIGKILL. Some rounds
-are aimed: at a checkpoint write (the moment a temporary snapshot folder appears), or
-after training, during evaluation. The next round is the re-run that must resume.
+are aimed: at a checkpoint write (the moment a temporary snapshot folder appears), and
+one, near the end, after training, during evaluation. The next round is the re-run that must resume.
 When the run finally completes, its model is compared with an uninterrupted run of
 the same spec.
 
@@ -156,7 +156,7 @@ def model_digest(home: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(REPO / "pipelines/xor.yaml"))
-    parser.add_argument("--epochs", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -177,56 +177,50 @@ def main() -> int:
 
     home = work / "killed" / "mlruns"
     home.parent.mkdir(parents=True)
-    rows = []
-    completed = False
+    rows: list[dict] = []
+    final: Round | None = None
     print(f"{'round':>5} {'aim':<10} {'resumed at':>10} {'finished':>8} {'durable':>7} "
           f"{'lost':>4} {'redone':>6} {'in write':>8}")
     for i in range(1, args.rounds + 1):
         aim = "random"
-        if i % 6 == 0:
+        if i == args.rounds - 1:  # near the end: let training finish, kill in evaluation
             aim = "evaluate"
         elif i % 3 == 0:
             aim = "write"
         r = Round(cmd, home)
         started = r.wait_for("Epoch ", 120)
-        resumed = r.resumed_at()
         if aim == "evaluate":
-            r.wait_for("restored the best weights", 120)
+            r.wait_for("restored the best weights", 300)
             time.sleep(rng.uniform(0.0, 0.3))
         elif aim == "write":
             backup = None
-            deadline = time.monotonic() + rng.uniform(1.0, 8.0)
+            deadline = time.monotonic() + rng.uniform(1.0, 4.0)
             while time.monotonic() < deadline and r.proc.poll() is None:
                 backup = backup or next(iter(home.glob("runs/*/backup")), None)
                 if backup is not None and _writing(backup):
                     break
                 time.sleep(0.001)
         elif started:
-            time.sleep(rng.uniform(0.0, 8.0))
-        finished_before = r.proc.poll() is not None
-        r.kill()
-        if finished_before and r.proc.returncode == 0:
-            completed = True
-        durable, torn = durable_epoch(home)
-        done = r.epochs_finished()
-        # The next round resumes from `durable`; what this round had finished beyond it
-        # is redone. Lost epochs are checkpointed ones the *next* round does not get
-        # back, filled in once the next round reports where it resumed.
-        rows.append({"round": i, "aim": aim, "resumed": resumed, "finished": resumed + done,
-                     "durable": durable, "torn": torn, "rc": r.proc.returncode})
-        if len(rows) > 1:
-            prev = rows[-2]
-            prev["lost"] = max(prev["durable"] - resumed, 0)
-            prev["redone"] = max(prev["finished"] - resumed, 0)
-        time.sleep(0.5)  # the tracking process marks the killed run (it polls every 2 s)
-        if completed:
+            time.sleep(rng.uniform(0.0, 4.0))
+        if r.proc.poll() is not None and r.proc.returncode == 0:
+            final = r  # it finished before the kill: this round is the last one
+            r.reader.join(timeout=5)
             break
-    # The final, unkilled run.
-    final = Round(cmd, home)
-    final.proc.wait()
-    final.reader.join()
-    rows[-1]["lost"] = max(rows[-1]["durable"] - final.resumed_at(), 0)
-    rows[-1]["redone"] = max(rows[-1]["finished"] - final.resumed_at(), 0)
+        r.kill()
+        durable, torn = durable_epoch(home)
+        rows.append({"round": i, "aim": aim, "resumed": r.resumed_at(),
+                     "finished": r.resumed_at() + r.epochs_finished(),
+                     "durable": durable, "torn": torn})
+        time.sleep(0.5)
+    if final is None:  # the last round, not killed
+        final = Round(cmd, home)
+        final.proc.wait()
+        final.reader.join()
+    # What each kill cost shows in where the next process resumed.
+    resumes = [row["resumed"] for row in rows[1:]] + [final.resumed_at()]
+    for row, resumed in zip(rows, resumes, strict=True):
+        row["lost"] = max(row["durable"] - resumed, 0)
+        row["redone"] = max(row["finished"] - resumed, 0)
     for row in rows:
         print(f"{row['round']:>5} {row['aim']:<10} {row['resumed']:>10} {row['finished']:>8} "
               f"{row['durable']:>7} {row['lost']:>4} {row['redone']:>6} "

@@ -107,7 +107,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Replace ``path`` with ``text`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def sha256(path: Path) -> str:
@@ -130,23 +135,23 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.getsignal(signum)
-        signal.signal(signum, lambda s, _f: received.append(s))
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, lambda s, _f: received.append(s))
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in received[:1]:
-            handler = previous[signum]
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for got in received[:1]:
+            handler = previous[got]
             if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                handler(got, None)
+            elif handler == signal.SIG_DFL and got == signal.SIGINT:
                 raise KeyboardInterrupt
             elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)
+                os.kill(os.getpid(), got)
 
 
 def write_error_reason(exc: BaseException) -> str | None:

@@ -105,6 +105,9 @@ class Problem:
 class SpecError(DlpipeError):
     """A pipeline spec is invalid. Holds every problem found, not just the first."""
 
+    #: At most this many problems are printed; the rest are counted.
+    shown = 100
+
     def __init__(self, source: str, problems: Sequence[Problem]):
         self.source = source
         self.problems = list(problems)
@@ -113,4 +116,7 @@ class SpecError(DlpipeError):
     def render(self) -> str:
         n = len(self.problems)
         head = f"{self.source}: {n} problem{'s' if n != 1 else ''} in the pipeline spec"
-        return "\n".join([head, *(p.render() for p in self.problems)])
+        lines = [head, *(p.render() for p in self.problems[: self.shown])]
+        if n > self.shown:
+            lines.append(f"... and {n - self.shown} more problems, not shown")
+        return "\n".join(lines)

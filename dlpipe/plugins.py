@@ -169,8 +169,7 @@ class Registry:
             if name in table:
                 _duplicate(f"stage '{name}' of kind '{kind}'", table[name].plugin, plugin)
             table[name] = StageEntry(
-                kind, name, run, params, description, plugin, bool(runs_previous),
-                tuple(needs), tuple(provides),
+                kind, name, run, params, description, plugin, bool(runs_previous), needs, provides
             )
 
         return register

@@ -2,14 +2,21 @@
 
 A spec is validated in full before anything heavy starts: its structure, that every
 ``use:`` names a registered plugin, and every plugin's ``params`` against that
-plugin's schema. All problems are reported together, each with file, line, key path,
-what was expected, what was found and close matches.
+plugin's schema, and that every stage's needs are provided by a stage before it. All
+problems are reported together, each with file, line, key path, what was expected,
+what was found and close matches.
+
+Loading is safe and bounded, so that validation answers any input with a message and
+never with a crash or a hang: only plain YAML values (a date stays text), at most
+:data:`MAX_DEPTH` levels of nesting and :data:`MAX_VALUES` values with aliases
+expanded, UTF-8 files of at most :data:`MAX_BYTES` bytes.
 
 Dotted paths
     ``--set`` overrides and the tune stage name values by dotted paths. The first part is
     a top-level key (``seed``, ``tracking.uri``) or a stage name; the rest walks into
     that stage's ``params``: ``train.epochs``, ``train.optimizer.learning_rate``,
-    ``model.latent_dim``. A stage's name defaults to its kind.
+    ``model.latent_dim``. A stage's name defaults to its kind. The parts after the first
+    are key names (letters, digits, ``_`` and ``-``); there is no ``[index]`` syntax.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ _TAG_NAMES = {
 #: for billions of values ("billion laughs").
 MAX_DEPTH = 64
 MAX_VALUES = 100_000
+MAX_BYTES = 128_000
+#: Problems reported for one schema check (one stage's params, say); the rest are counted.
+MAX_PROBLEMS = 50
 #: Integers longer than this are refused (Python cannot even print 4300 digits).
 MAX_DIGITS = 300
 #: Dotted-path parts are key names: letters, digits, '_' and '-'.
@@ -123,7 +133,7 @@ class _SpecLoader(yaml.SafeLoader):
         self.total = 0  # values composed so far, aliases counted as what they repeat
         self.measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
         path = self._child_path(index)
         alias = f"*{event.anchor}" if isinstance(event, yaml.AliasEvent) else None
@@ -199,7 +209,7 @@ def _parse(text: str, source: str) -> YamlDocument | None:
         node = loader.get_single_node()
     except _Refused as exc:
         mark = exc.problem_mark
-        where = Location(source, mark.line + 1, mark.column + 1)
+        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source)
         # The first few keys say where; the line and column say exactly.
         raise SpecError(source, [Problem(exc.path[:6], str(exc.problem), where,
                                          expected=exc.expected)]) from None
@@ -220,11 +230,10 @@ def _parse(text: str, source: str) -> YamlDocument | None:
     def refuse_tag(n: yaml.Node, path: KeyPath) -> bool:
         if n.tag in _SAFE_TAGS:
             return False
-        shown = n.tag.replace("tag:yaml.org,2002:", "!!")
         if n.tag == _TIMESTAMP_TAG:
             message = "the YAML tag '!!timestamp' is not allowed: dates are written as text"
         else:
-            message = f"the YAML tag {shown!r} is not allowed"
+            message = f"the YAML tag {_shown_tag(n.tag)!r} is not allowed"
         problems.append(Problem(path, message, loc(n),
                                 expected="plain YAML values (only safe loading is supported)"))
         return True
@@ -232,7 +241,7 @@ def _parse(text: str, source: str) -> YamlDocument | None:
     def scalar(n: yaml.Node, path: KeyPath) -> Any:
         if not isinstance(n, yaml.ScalarNode):
             kind = "list" if isinstance(n, yaml.SequenceNode) else "mapping"
-            problems.append(Problem(path, f"the YAML tag {n.tag!r} does not fit a {kind}",
+            problems.append(Problem(path, f"the YAML tag {_shown_tag(n.tag)!r} does not fit a {kind}",
                                     loc(n), expected="no tag on a list or mapping"))
             return None
         what = _TAG_NAMES.get(n.tag, "a value")
@@ -308,6 +317,11 @@ def _reader_problem(exc: yaml.reader.ReaderError, text: str, source: str) -> Pro
                    Location(source, line, column), expected="printable text")
 
 
+def _shown_tag(tag: str) -> str:
+    """``tag:yaml.org,2002:binary`` as a spec writes it: ``!!binary``."""
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
 def _is_text(value: str) -> bool:
     try:
         value.encode("utf-8")
@@ -348,9 +362,15 @@ def read_spec_file(path: str | Path) -> YamlDocument:
                 hint = f"; specs in {parent}: {', '.join(sorted(names))}"
         raise DlpipeError(f"spec file {str(path)!r} does not exist{hint}")
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise DlpipeError(f"cannot read spec file {str(path)!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise SpecError(str(path), [Problem(
+            (), f"the file is larger than {MAX_BYTES:,} bytes", Location(str(path)),
+            expected="a pipeline spec (a few kilobytes of YAML)",
+        )])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -739,7 +759,12 @@ def pydantic_problems(
     problems: list[Problem] = []
     seen: set[tuple[KeyPath, str]] = set()
     found, data = _data_at(doc.data, base)
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for i, err in enumerate(errors):
+        if len(problems) == MAX_PROBLEMS:  # a part full of mistakes: summarise the rest
+            problems.append(Problem(base, f"and {len(errors) - i} more errors in this part "
+                                    "of the spec, not shown", doc.locate(base), label=label))
+            break
         etype = err["type"]
         if found:
             loc = _key_path(data, err["loc"], missing=etype == "missing")
@@ -778,15 +803,19 @@ def pydantic_problems(
     return problems
 
 
+def _has(data: Any, part: Any) -> bool:
+    """Whether ``part`` is a key of the mapping ``data`` or an index of the list ``data``."""
+    if isinstance(data, dict):
+        return part in data
+    return isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+
+
 def _data_at(data: Any, path: KeyPath) -> tuple[bool, Any]:
     """``(True, value)`` at ``path`` in ``data``, or ``(False, None)`` if it is not there."""
     for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
-            data = data[part]
-        else:
+        if not _has(data, part):
             return False, None
+        data = data[part]
     return True, data
 
 
@@ -800,9 +829,7 @@ def _key_path(data: Any, loc: Sequence[Any], missing: bool) -> KeyPath:
     """
     path: list[str | int] = []
     for i, part in enumerate(loc):
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+        if _has(data, part):
             data = data[part]
         elif not (missing and i == len(loc) - 1 and isinstance(data, dict)):
             continue
@@ -986,8 +1013,9 @@ def _needs_problems(raw_stages: list[Any], registry: Registry, doc: YamlDocument
     problems: list[Problem] = []
     provided: set[str] = set()
     for n, (index, stage_id, _, entry, provides) in enumerate(contracts):
-        checked = entry is not None and not (entry.runs_previous and index == 0)
-        missing = [need for need in entry.needs if need not in provided] if checked else []
+        missing = []
+        if entry is not None and not (entry.runs_previous and index == 0):
+            missing = [need for need in entry.needs if need not in provided]
         if missing:
             earlier = [shown for _, _, shown, _, _ in contracts[:n]]
             wanted = " and ".join(repr(need) for need in missing)

@@ -216,5 +216,5 @@ def test_dlpipe_plugins_lists_everything(tmp_path, monkeypatch, capsys, fake_dis
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["dropped_in"]["models"] == ["dropped_net"]
     assert rows["dlpipe.tracking"]["hooks"] == [
-        "after_run", "before_run", "on_artifact", "on_metrics", "on_run_error",
+        "after_run", "before_run", "before_stage", "on_artifact", "on_metrics", "on_run_error",
     ]

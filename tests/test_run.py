@@ -271,7 +271,8 @@ class StopAtEpoch:
 
 def test_rerun_of_an_interrupted_run_resumes(workdir):
     text = (TINY % {"track": "true", "last_kind": "evaluate", "last_use": "keras_evaluate"})
-    text = text.replace("epochs: 2", "epochs: 4")
+    # A snapshot after every epoch (the default, every 10 s, would keep none this early).
+    text = text.replace("epochs: 2", "epochs: 4, checkpoint: {every_seconds: 0}")
     host = load_plugins(plugin_dirs=[], entry_points=False, extra=[StopAtEpoch(2)])
     spec = validate(load_yaml(text, "r.yaml"), host.registry)
     with pytest.raises(KeyboardInterrupt):

@@ -227,7 +227,7 @@ def test_a_date_in_an_override_is_text(host):
         ("!!bool maybe", "'maybe' cannot be read as true or false"),
         ("!!float x", "'x' cannot be read as a number"),
         ("!!map x", "'x' cannot be read as a mapping"),
-        ("!!str [1]", "the YAML tag 'tag:yaml.org,2002:str' does not fit a list"),
+        ("!!str [1]", "the YAML tag '!!str' does not fit a list"),
         ("9" * 400, "the number has 400 digits"),
         ("0x" + "f" * 5000, "the number has 5002 digits"),
         ('"\\uD800"', "the text holds a lone surrogate (an escape in \\ud800-\\udfff), which "
@@ -271,13 +271,23 @@ def test_a_byte_that_is_not_utf8_has_a_line_and_column(tmp_path):
     from dlpipe.spec import read_spec_file
 
     path = tmp_path / "b.yaml"
-    path.write_bytes("name: tés\nseed: 1\nstages: [x\xff]\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    path.write_bytes("name: tés\nseed: 1\nstages: [x\xff]\n".encode().replace(b"\xc3\xbf", b"\xff"))
     with pytest.raises(SpecError) as info:
         read_spec_file(path)
     msg = str(info.value)
     assert f"{path}:3:11: <top level>: the file is not UTF-8 text: byte 0xff cannot be " \
            "decoded" in msg
     assert "expected: a YAML file saved as UTF-8" in msg
+
+
+def test_a_huge_file_is_refused_before_parsing(tmp_path):
+    from dlpipe.spec import read_spec_file
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 200_000)
+    with pytest.raises(SpecError) as info:
+        read_spec_file(path)
+    assert f"{path}: <top level>: the file is larger than 128,000 bytes" in str(info.value)
 
 
 def test_an_unreadable_spec_path(tmp_path):
@@ -412,3 +422,22 @@ def test_an_unreadable_plugin_path_is_a_plugin_error(tmp_path):
     with pytest.raises(PluginError, match="plugin file 'a+.py' listed in the spec: File name too long"):
         load_plugins(plugin_dirs=[], entry_points=False, spec_plugins=["a" * 5000 + ".py"],
                      spec_dir=tmp_path)
+
+
+def test_a_part_full_of_mistakes_is_summarised(host):
+    keys = "".join(f"      k{i}: 1\n" for i in range(300))
+    msg = problems(GOOD.replace("      latent_dim: 2\n", "      latent_dim: 2\n" + keys), host)
+    assert "51 problems in the pipeline spec" in msg
+    assert msg.count("unknown key 'k") == 50
+    assert "stages[1].params (model): and 250 more errors in this part of the spec, not " \
+           "shown" in msg
+
+
+def test_at_most_a_hundred_problems_are_printed():
+    text = "a: 1\n" * 150
+    with pytest.raises(SpecError) as info:
+        load_yaml(text, "dup.yaml")
+    msg = str(info.value)
+    assert msg.startswith("dup.yaml: 149 problems in the pipeline spec")
+    assert msg.count("duplicate key 'a'") == 100
+    assert msg.endswith("... and 49 more problems, not shown")

@@ -175,16 +175,16 @@ def test_store_errors_say_what_happened(tmp_path):
 
 
 def test_only_connection_errors_suggest_fixing_the_uri():
-    sidecar = tracking.Sidecar.__new__(tracking.Sidecar)  # messages only, no process
-    sidecar.uri = "sqlite:////data/mlflow.db"
-    sidecar.failure = ("space", "no space left on device for /data/mlflow.db")
-    message = sidecar.failure_message()
-    assert message == (
+    db = "sqlite:////data/mlflow.db"
+    full = tracking.failure_message(db, "space", "no space left on device for /data/mlflow.db")
+    assert full == (
         "MLflow tracking failed (sqlite:////data/mlflow.db): no space left on device for "
         "/data/mlflow.db\n    free some space there and run again, or run with --no-track"
     )
-    sidecar.failure = ("connect", "cannot reach the tracking server (connection refused)")
-    assert "fix tracking.uri / MLFLOW_TRACKING_URI" in sidecar.failure_message()
+    for kind in ("access", "removed", "store"):
+        assert "tracking.uri" not in tracking.failure_message(db, kind, "...")
+    for kind in ("connect", "uri"):
+        assert "fix tracking.uri / MLFLOW_TRACKING_URI" in tracking.failure_message(db, kind, "...")
 
 
 def test_write_atomic_replaces_the_whole_file(tmp_path):
@@ -284,6 +284,8 @@ def serve_with_fault(uri, requests, replies):
     log_batch, log_artifact = MlflowClient.log_batch, MlflowClient.log_artifact
 
     def failing_log_batch(self, run_id, metrics=(), *args, **kwargs):
+        if metrics and fault == "server-gone":
+            server_gone()
         if metrics and fault == "sqlite-full":
             try:
                 raise sqlite3.OperationalError("database or disk is full")
@@ -292,6 +294,16 @@ def serve_with_fault(uri, requests, replies):
                     "(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT INTO metrics]"
                 ) from exc
         return log_batch(self, run_id, metrics, *args, **kwargs)
+
+    def server_gone(*args, **kwargs):
+        try:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        except ConnectionRefusedError as exc:
+            raise MlflowException("API request to http://... failed with exception ...") from exc
+
+    if fault == "server-gone":  # every write once the run exists, closing it included
+        MlflowClient.set_terminated = server_gone
+        MlflowClient.set_tag = server_gone
 
     def failing_log_artifact(self, run_id, local_path, artifact_path=None):
         if artifact_path == "model" and fault == "artifact-enospc":
@@ -328,6 +340,29 @@ def test_full_disk_is_named_and_the_run_marked_failed(workdir, monkeypatch, caps
     assert (
         f"mlflow: run {run.info.run_id} FAILED in experiment 'faults' (sqlite:///{db}): "
         f"MLflow tracking failed: {what}"
+    ) in captured.out
+    assert "run None" not in captured.out
+
+
+@pytest.mark.slow
+def test_a_server_gone_mid_run_is_named_and_the_exit_is_prompt(workdir, monkeypatch, capsys):
+    monkeypatch.setenv("DLPIPE_TEST_FAULT", "server-gone")
+    monkeypatch.setattr(tracking, "serve", serve_with_fault)
+    spec = write_spec(workdir, epochs=3)
+    start = time.monotonic()
+    assert main(["run", str(spec)]) == 2
+    assert time.monotonic() - start < 60
+    captured = capsys.readouterr()
+    db = store_file(workdir).resolve()
+    gone = "cannot reach the tracking server (connection refused)"
+    assert (
+        f"error: MLflow tracking failed (sqlite:///{db}): {gone}\n    start the tracking "
+        "server or fix tracking.uri / MLFLOW_TRACKING_URI, or run with --no-track"
+    ) in captured.err
+    (run,) = runs_of()
+    assert (
+        f"mlflow: run {run.info.run_id} could not be marked FAILED in the store ({gone}); "
+        "it may still show as RUNNING"
     ) in captured.out
     assert "run None" not in captured.out
 
@@ -438,8 +473,8 @@ def test_resumed_run_continues_the_same_mlflow_run(workdir, capsys):
     assert run.data.tags["dlpipe.resumed"] == "1"
     assert run.data.tags["dlpipe.resumed_after"].startswith("KILLED")
     assert "dlpipe.error" not in run.data.tags
-    steps = sorted({m.step for m in client().get_metric_history(run_id, "loss")})
-    assert steps == [0, 1, 2, 3, 4]  # epochs of both segments, at their own steps
+    steps = [m.step for m in client().get_metric_history(run_id, "loss")]
+    assert steps == [0, 1, 2, 3, 4]  # epochs of both segments, each once, at its own step
     assert run.data.params["train.epochs"] == "5"
     spec_files = sorted(a.path for a in client().list_artifacts(run_id, "spec"))
     assert spec_files == ["spec/p.yaml", "spec/resolved.yaml"]

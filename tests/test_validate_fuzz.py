@@ -35,7 +35,7 @@ PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
 MAX_SECONDS = 5.0
 MAX_PEAK_MB = 200
 BUDGET_S = 60.0
-EXAMPLES = 400
+EXAMPLES = 1000
 
 
 def laughs(levels: int) -> str:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe import hookimpl, paths
+from dlpipe.checkpoint import atomic_write_text
 from dlpipe.errors import DlpipeError, RunStopped
 
 _KEY = "mlflow"
@@ -60,12 +61,21 @@ LOCAL_CONNECT_TIMEOUT_S = 120.0
 
 #: MLflow's HTTP settings while the sidecar first reaches a tracking server, and for
 #: the last write after a failure: one retry and 4 s per request (about 10 s in all)
-#: instead of MLflow's default of minutes of retries. Writes during the run keep the
-#: user's settings or MLflow's defaults, so a server that restarts is waited for.
+#: instead of MLflow's default of minutes of retries.
 _BOUNDED_HTTP = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "4",
+}
+
+#: MLflow's HTTP settings for the writes during a run, unless the environment sets
+#: them: 4 retries over about 30 s ride out a server restart, and a server that is
+#: gone fails the run then, not after MLflow's default of 7 retries over minutes
+#: (meant for rate-limited hosted servers) and 120 s per request.
+_RUN_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 #: What to do about each kind of store failure (see :func:`describe_failure`). Only a
@@ -198,6 +208,12 @@ def describe_failure(exc: BaseException, uri: str, connecting: bool = False) -> 
     return "store", summary
 
 
+def failure_message(uri: str, kind: str, text: str) -> str:
+    """The error a store failure fails the run with: what happened, and what to do."""
+    hint = _HINTS.get(kind, "")
+    return f"MLflow tracking failed ({uri}): {text}" + (f"\n    {hint}" if hint else "")
+
+
 @contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block."""
@@ -242,6 +258,8 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
     # in a line instead.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name, value in _RUN_HTTP.items():
+        os.environ.setdefault(name, value)
     parent = multiprocessing.parent_process()
     client: Any = None
     runs: dict[str, str] = {}  # key -> MLflow run id
@@ -532,9 +550,7 @@ class Sidecar:
 
     def failure_message(self) -> str:
         assert self.failure is not None
-        kind, text = self.failure
-        hint = _HINTS.get(kind, "")
-        return f"MLflow tracking failed ({self.uri}): {text}" + (f"\n    {hint}" if hint else "")
+        return failure_message(self.uri, *self.failure)
 
     def raise_if_failed(self) -> None:
         self.read_replies()
@@ -564,6 +580,9 @@ class Sidecar:
         if self._process.is_alive():
             self._requests.put(("stop",))
             self._wait_stopped(timeout)
+        elif not self._stopped:
+            self.read_replies()
+            self.fail("store", f"the tracking process exited (code {self._process.exitcode})")
         self._end()
         if check:
             self.raise_error()
@@ -692,7 +711,7 @@ class Tracker:
             return
         record = {"uri": self.uri, "run_id": run_id, "experiment": self.context.spec.experiment}
         try:
-            paths.write_atomic(self.run_file, json.dumps(record, indent=1) + "\n")
+            atomic_write_text(self.run_file, json.dumps(record, indent=1) + "\n")
         except OSError as exc:
             print(f"mlflow: could not write {self.run_file} ({exc.strerror}); a re-run "
                   "will track a new run", flush=True)
