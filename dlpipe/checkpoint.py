@@ -136,14 +136,14 @@ def signals_deferred() -> Iterator[None]:
         return
     received: list[int] = []
     previous: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.getsignal(sig)
-        signal.signal(sig, lambda s, _f: received.append(s))
+    for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, lambda s, _f: received.append(s))
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for got in received[:1]:
             handler = previous[got]
             if callable(handler):
