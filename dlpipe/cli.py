@@ -24,10 +24,63 @@ EPILOG = """examples:
   dlpipe plugins                                     list plugins, stages and models
   dlpipe schema > dlpipe.schema.json                 JSON Schema for editors
   dlpipe ui                                          browse runs in the MLflow UI
+  dlpipe runs                                        list recent runs, their metrics and params
+  dlpipe compare 38adba6d 9f1e22aa                   params, metrics and curves side by side
+  dlpipe predict 38adba6d data.csv -o out.csv        use a trained model
+  dlpipe serve 38adba6d                              serve it over HTTP (MLflow scoring)
 
 Runs are tracked in sqlite:///mlruns/mlflow.db unless MLFLOW_TRACKING_URI or the
-spec's tracking.uri says otherwise. A killed or failed run resumes from its last
-checkpoint when the same command runs again, in the same MLflow run.
+spec's tracking.uri says otherwise; runs, compare, predict, serve and ui read the same
+store. A killed or failed run resumes from its last checkpoint when the same command
+runs again, in the same MLflow run.
+"""
+
+RUNS_EPILOG = """examples:
+  dlpipe runs                                        the newest 20 runs of every experiment
+  dlpipe runs --experiment dlpipe-training --limit 5
+  dlpipe runs --filter "metrics.test_accuracy > 0.9"
+  dlpipe runs --filter "params.train.epochs = '3' and attributes.status = 'FINISHED'"
+
+Columns: the run id's first 8 characters (what compare, predict and serve take), name,
+status, start, duration, the key metric (test_accuracy, else test_loss, else the first
+test_* metric) and the params that differ between the listed runs. --filter takes
+MLflow's search syntax: metrics.NAME, params.NAME (values quoted), attributes.status.
+"""
+
+COMPARE_EPILOG = """examples:
+  dlpipe compare 38adba6d 9f1e22aa                   by run id or a unique id prefix
+  dlpipe compare xor xor-smoke -o curves.png         by run name (the newest of that name)
+
+Prints the params that differ and every final metric, one column per run, and writes
+one PNG overlaying the runs' learning curves (solid: training, dashed: validation).
+"""
+
+PREDICT_EPILOG = """examples:
+  dlpipe predict 38adba6d pipelines/xor.yaml         the test split of a spec's data stage
+  dlpipe predict 38adba6d points.csv -o out.csv      a CSV of numbers (a label column is kept aside)
+  dlpipe predict runs:/<run id>/model inputs.npz     an npz (array x, or its only array)
+  dlpipe predict models:/digits@champion images/     a folder of PNG/JPEG images
+  dlpipe predict mlruns/runs/xor-fbdcf94c9c45/model/model.keras points.csv
+
+MODEL: a run id, id prefix or run name, runs:/..., models:/NAME@alias, an MLflow model
+folder or a .keras file. Inputs are raw, as the data source had them: the model applies
+its data stage's preprocessing (a spec's test split is turned back into raw values).
+Images are resized to the model's input; their pixels are read as 0..1, or mapped onto
+the training data's range when its data stage min-max scaled it. A CSV column named
+label, target, y or class is kept aside and scored against.
+
+Writes a CSV for tables (label, class_name, probabilities_<class>, values), a PNG grid
+(and an npz) for images, an npz otherwise; -o picks the file and, by its suffix, the
+format. Prints a short summary (predicted classes, accuracy against labels).
+"""
+
+SERVE_EPILOG = """examples:
+  dlpipe serve 38adba6d                              http://127.0.0.1:5001/invocations
+  dlpipe serve models:/digits@champion --port 8080
+
+Runs MLflow's scoring server (mlflow models serve --env-manager local) on the model,
+with MLFLOW_TRACKING_URI set to dlpipe's store. POST JSON to /invocations, e.g.
+{"inputs": [[0.0, 1.0]]}; Ctrl+C stops it.
 """
 
 
@@ -116,8 +169,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", parents=[common], help="start the MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    p.add_argument("--tracking-uri", help="store to show (default: as for dlpipe run)")
+    _add_store_option(p, "store to show")
+
+    def looking_back(name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, parents=[common], help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = looking_back("runs", "list recent runs in the tracking store", RUNS_EPILOG)
+    p.add_argument("--experiment", metavar="NAME", help="only this experiment (default: all)")
+    p.add_argument("--filter", metavar="EXPR", help="MLflow search expression, e.g. "
+                   "\"metrics.test_accuracy > 0.9\"")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
+    _add_store_option(p, "store to list")
+
+    p = looking_back("compare", "compare runs: params, final metrics, learning curves", COMPARE_EPILOG)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run id, unique id prefix or run name")
+    p.add_argument("-o", "--output", default="compare.png", metavar="FILE",
+                   help="where to write the learning-curve plot (default compare.png)")
+    _add_store_option(p, "store the runs are in")
+
+    p = looking_back("predict", "predict with a trained model", PREDICT_EPILOG)
+    p.add_argument("model", metavar="MODEL",
+                   help="run id/prefix/name, runs:/..., models:/NAME@alias, or a model file")
+    p.add_argument("input", metavar="INPUT",
+                   help="an .npz, a folder of images, a .csv, or a spec (its test split)")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="output file (.csv, .npz or .png; default predictions.<kind>)")
+    _add_store_option(p, "store the model's run is in")
+    _add_plugin_options(p)
+
+    p = looking_back("serve", "serve a trained model over HTTP with MLflow", SERVE_EPILOG)
+    p.add_argument("model", metavar="MODEL",
+                   help="run id/prefix/name, runs:/..., models:/NAME@alias, or a model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    _add_store_option(p, "store the model's run is in")
     return parser
+
+
+def _add_store_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tracking-uri", metavar="URI", help=f"{what} (default: where dlpipe run "
+                   "tracks: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +271,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     ctx = run_pipeline(
         spec, host, smoke=args.smoke, restart=args.restart, resume_older=args.resume_older
     )
+    from dlpipe.runs import run_summary, store_uri
+
+    tracking = spec.model.tracking
     print(f"dlpipe: done; outputs in {ctx.run_dir}")
+    for line in run_summary(ctx, store_uri(tracking.uri) if tracking.enabled else None):
+        print(line)
     return 0
 
 
@@ -243,13 +342,59 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    uri = paths.absolute_sqlite(args.tracking_uri) if args.tracking_uri else paths.default_tracking_uri()
+    from dlpipe import runs
+
+    uri = runs.store_uri(args.tracking_uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    latest = runs.latest_experiment(uri)
+    if latest is not None:
+        url = runs.experiment_url(latest[0], args.host, args.port)
+        print(f"latest experiment {latest[1]!r}: {url}")
+    print(runs.cli_hint(uri), flush=True)
     # Become the MLflow server, so signals (Ctrl+C, kill) reach it and its workers directly.
     command = ui_command(uri, args.host, args.port)
     os.execv(command[0], command)
+    return 0  # not reached
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from dlpipe.runs import runs_report, store_uri
+
+    for line in runs_report(store_uri(args.tracking_uri), args.experiment, args.filter, args.limit):
+        print(line)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dlpipe.runs import compare_report, store_uri
+
+    for line in compare_report(store_uri(args.tracking_uri), args.runs, args.output):
+        print(line)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dlpipe.predict import predict_command
+    from dlpipe.runs import store_uri
+
+    for line in predict_command(args.model, args.input, args.output,
+                                store_uri(args.tracking_uri), args.plugins_dir):
+        print(line, flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dlpipe.predict import serve_plan
+    from dlpipe.runs import store_uri
+
+    plan = serve_plan(args.model, store_uri(args.tracking_uri), args.host, args.port)
+    for line in plan.lines:
+        print(line)
+    sys.stdout.flush()
+    # Become the scoring server, so Ctrl+C and kill reach it directly.
+    os.execve(plan.command[0], plan.command, plan.environment)
     return 0  # not reached
 
 
@@ -259,6 +404,10 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "schema": cmd_schema,
     "ui": cmd_ui,
+    "runs": cmd_runs,
+    "compare": cmd_compare,
+    "predict": cmd_predict,
+    "serve": cmd_serve,
 }
 
 
@@ -276,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("DLPIPE_DEBUG") == "1"
+    if debug:  # TensorFlow's start-up lines show too (dlpipe.startup); workers inherit it
+        os.environ["DLPIPE_DEBUG"] = "1"
     try:
         return COMMANDS[args.command](args)
     except DlpipeError as exc:

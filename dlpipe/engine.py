@@ -8,11 +8,12 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dlpipe import paths
+from dlpipe import paths, startup
 from dlpipe.context import RunContext
 from dlpipe.errors import DlpipeError
 from dlpipe.plugins import PluginHost
@@ -28,10 +29,24 @@ def run_dir_for(spec: ResolvedSpec) -> Path:
 
 
 def configure_backend(seed: int, precision: str = "float32") -> None:
-    """Quiet TensorFlow's start-up chatter, seed every generator, set the dtype policy."""
+    """Load TensorFlow quietly, seed every generator, set the dtype policy.
+
+    The first time in a process, TensorFlow's start-up lines (:func:`startup_noise`)
+    are filtered out of stderr while it loads and looks for GPUs; any other line passes.
+    ``DLPIPE_DEBUG=1`` shows them all (see :mod:`dlpipe.startup`). Every ``dlpipe run`` process comes through here
+    first, tune workers included.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
+    quiet = "tensorflow" not in sys.modules and os.environ.get(startup.DEBUG_ENV) != "1"
+    with startup.filtered_stderr(startup.startup_noise()) if quiet else contextlib.nullcontext():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # Without a GPU, CUDA's failure to start is reported here, not mid-run.
+            tf.config.list_physical_devices()
 
     keras.utils.set_random_seed(seed)
     # Global in Keras; set on every run so one mixed-precision run does not leak into

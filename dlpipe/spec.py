@@ -396,7 +396,26 @@ TOP_LEVEL_KEYS = (
 class TrackingSpec(BaseModel):
     """Where and how the run is tracked."""
 
-    model_config = ConfigDict(extra="forbid")
+    # ``register`` is the spec's key; the field has another name because pydantic's
+    # BaseModel has a ``register`` attribute.
+    model_config = ConfigDict(extra="forbid", validate_by_name=False, serialize_by_alias=True)
+
+    class Registration(BaseModel):
+        """Register the run's model in the MLflow model registry."""
+
+        model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+        name: str = Field(
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$",
+            description="Registered model name (letters, digits, '_', '-', '.'); the "
+            "run's model becomes its next version.",
+        )
+        alias: str | None = Field(
+            None,
+            pattern=r"^(?![vV][0-9]+$)(?![Ll][Aa][Tt][Ee][Ss][Tt]$)[A-Za-z0-9_-]{1,255}$",
+            description="Alias moved to the new version, e.g. champion (then "
+            "models:/NAME@champion loads it). Not 'latest', not like a version (v3).",
+        )
 
     enabled: bool = Field(True, description="Track the run in MLflow.")
     uri: str | None = Field(
@@ -415,10 +434,32 @@ class TrackingSpec(BaseModel):
         "the study's run.",
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
-    log_model: bool = Field(True, description="Log the trained model as an artifact.")
-    mlflow_flavor: bool = Field(
-        False, description="Also log the model with the MLflow Keras flavour (slower)."
+    log_model: bool = Field(
+        True,
+        description="Log the trained model as an MLflow model under the artifact path "
+        "`model` (Keras and pyfunc flavours, model.keras, a TF SavedModel); see "
+        "docs/using-models.md.",
     )
+    export: bool = Field(
+        True,
+        description="Add inference-only exports to the logged model: a TF SavedModel "
+        "(and ONNX where tf2onnx is installed), for the architectures that export.",
+    )
+    registration: Registration | None = Field(
+        None,
+        alias="register",
+        description="Register the logged model: {name: NAME, alias: champion} makes it "
+        "the next version of NAME and points the alias at it.",
+    )
+    mlflow_flavor: bool = Field(
+        False,
+        description="Deprecated and ignored: the logged model always has the MLflow "
+        "Keras flavour.",
+    )
+
+    def model_post_init(self, context: Any) -> None:
+        if self.registration is not None and not self.log_model:
+            raise ValueError("register needs log_model: true (the logged model is registered)")
 
 
 class StrategySpec(BaseModel):

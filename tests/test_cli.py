@@ -1,4 +1,4 @@
-"""The command line: import weight, exit codes, validate, schema, ui."""
+"""The command line: import weight, exit codes, validate, schema, ui, help."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def run_python(code: str, cwd) -> subprocess.CompletedProcess:
         ["validate", "pipelines/digit_mlp.yaml"],
         ["plugins"],
         ["schema"],
+        ["runs", "--help"],
+        ["compare", "--help"],
+        ["predict", "--help"],
+        ["serve", "--help"],
     ],
 )
 def test_light_commands_do_not_import_tensorflow(repo, argv):
@@ -52,6 +56,23 @@ def test_light_commands_do_not_import_tensorflow(repo, argv):
     result = run_python(code, repo)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("light")
+
+
+@pytest.mark.parametrize(
+    ("command", "example"),
+    [
+        ("runs", 'dlpipe runs --filter "metrics.test_accuracy > 0.9"'),
+        ("compare", "dlpipe compare xor xor-smoke -o curves.png"),
+        ("predict", "dlpipe predict 38adba6d pipelines/xor.yaml"),
+        ("serve", "dlpipe serve models:/digits@champion --port 8080"),
+    ],
+)
+def test_new_commands_have_examples_in_their_help(command, example, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and example in out and "--tracking-uri" in out
 
 
 def test_python_dash_m(repo):
@@ -105,7 +126,7 @@ def test_schema_lists_every_stage_and_validates(repo, capsys, tmp_path):
     out = tmp_path / "schema.json"
     assert main(["schema", "-o", str(out)]) == 0
     schema = json.loads(out.read_text())
-    titles = {v["title"] for v in schema["properties"]["stages"]["items"]["anyOf"]}
+    titles = {rule["then"].get("title") for rule in schema["properties"]["stages"]["items"]["allOf"]}
     assert {"data: sklearn_digits", "model: vae", "train: keras_fit", "evaluate: keras_evaluate"} <= titles
     jsonschema = pytest.importorskip("jsonschema")
     spec = yaml.safe_load((repo / "pipelines" / "vae.yaml").read_text())
@@ -131,6 +152,9 @@ def test_ui_serves_the_store(workdir):
     try:
         first = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}" in first and "sqlite:///" in first
+        store = first.split()[3]
+        # No runs yet: no experiment to land on; how MLflow's own CLI reaches the store.
+        assert proc.stdout.readline().strip() == f"MLflow CLI: export MLFLOW_TRACKING_URI={store}"
         deadline = time.time() + 90
         body = ""
         while time.time() < deadline:

@@ -21,6 +21,8 @@ PIPELINES = sorted(p.stem for p in (REPO / "pipelines").glob("*.yaml"))
 
 #: pipeline -> the test file that runs it for a few epochs with its own checks.
 DEDICATED = {
+    "csv_wine": "test_tabular_text_data.py",
+    "text_topics": "test_tabular_text_data.py",
     "addition": "test_sequence_models.py",
     "arith_classifier": "test_vit_textclf.py",
     "captioning": "test_multimodal.py",

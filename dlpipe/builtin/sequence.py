@@ -121,7 +121,8 @@ class ArithCheckParams(SeqDataParams):
 
 
 class TokenizerParams(Params):
-    """Re-tokenize the sequence data: characters or a learned subword vocabulary."""
+    """Re-tokenize the texts of the data stage (sequence pairs, or the texts of a text
+    classification stage): characters or a learned subword vocabulary."""
 
     level: Literal["char", "subword"] = Field(
         "subword", description="char: one token per character; subword: byte-pair encoding "
@@ -132,7 +133,8 @@ class TokenizerParams(Params):
     )
     min_frequency: int = Field(2, ge=1, description="subword: rarest pair still merged.")
     apply_to: Literal["both", "source", "target"] = Field(
-        "both", description="Which side gets the subword vocabulary (the other stays char)."
+        "both", description="Which side gets the subword vocabulary (the other stays char). "
+        "Text classification data has source texts only: both or source."
     )
 
 
@@ -234,7 +236,8 @@ def register_stages(register):
              "Right vs wrong equations ('35+61=96' / '35+61=97'), character tokens, "
              "balanced binary labels (text classification).")
     register("tokenize", "tokenizer", f"{_DATA}:tokenizer", TokenizerParams,
-             "Re-tokenize sequence data (char or learned subword BPE); logs the vocabulary.",
+             "Re-tokenize sequence or text classification data (char or learned subword "
+             "BPE); logs the vocabulary.",
              needs=("data",), provides=("data",))
     register("evaluate", "seq2seq_report", "dlpipe.stages.seq_report:seq2seq_report",
              Seq2SeqReportParams,

@@ -242,13 +242,15 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
     parent_key, experiment, artifact_location, run_name, tags, params, resume_run_id,
     spec_files)``, ``("attach", key, run_id)`` (log into an existing run and leave it
     open), ``("metrics", key, metrics, step, timestamp_ms)``, ``("artifact", key, path,
-    artifact_path)``, ``("finish", key, status, error, tags)``, ``("exit",)`` (the
+    artifact_path)``, ``("model", key, staged_folder, registration)`` (see
+    :func:`log_model`), ``("finish", key, status, error, tags)``, ``("exit",)`` (the
     training process is exiting without closing its runs) and ``("stop",)``.
 
-    Replies: ``("started", key, run_id, times_resumed)``, ``("finished", key,
-    status)``, ``("error", kind, text)`` (see :func:`describe_failure`) and
-    ``("stopped",)``. After an error nothing more is written, except that ``finish``
-    still tries, briefly, to mark the run FAILED with the error.
+    Replies: ``("started", key, run_id, times_resumed)``, ``("registered", key, name,
+    version, alias)``, ``("finished", key, status)``, ``("error", kind, text)`` (see
+    :func:`describe_failure`) and ``("stopped",)``. After an error nothing more is
+    written, except that ``finish`` still tries, briefly, to mark the run FAILED with
+    the error.
     """
     # Ctrl+C reaches the whole process group; the training process decides what the
     # run's status becomes, so the sidecar must outlive the interrupt.
@@ -439,6 +441,11 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
                     write_metrics()
             elif op == "artifact":
                 client.log_artifact(runs[key], request[2], request[3])
+            elif op == "model":
+                _, key, staged, registration = request
+                registered = log_model(client, runs[key], staged, registration)
+                if registered is not None:
+                    replies.put(("registered", key, *registered))
             elif op == "finish":
                 _, key, status, error, tags = request
                 from mlflow.entities import RunTag
@@ -532,6 +539,11 @@ class Sidecar:
                 self.announce.pop(key)(run_id, resumed)
         elif reply[0] == "finished":
             self.finished[reply[1]] = reply[2]
+        elif reply[0] == "registered":
+            _, _, name, version, alias = reply
+            also = f", alias {alias!r}" if alias else ""
+            print(f"mlflow: registered model {name!r} version {version}{also} "
+                  f"(models:/{name}/{version})", flush=True)
         elif reply[0] == "error":
             self.fail(reply[1], reply[2])
 
@@ -840,13 +852,55 @@ def _tracker(context: Any) -> Tracker | None:
     return context.extras.get(_KEY)
 
 
-def _log_flavor(tracker: Tracker, model: Any) -> None:
-    """The MLflow Keras flavour needs the live model, so it is logged from here."""
-    import mlflow
+# --------------------------------------------------------------------------------------
+# The logged model (see dlpipe.packaging and docs/using-models.md)
+# --------------------------------------------------------------------------------------
 
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=tracker.wait_for_run_id()):
-        mlflow.keras.log_model(model, name="mlflow_model", pip_requirements=["tensorflow", "keras>=3"])
+
+def log_model(
+    client: Any, run_id: str, staged: str, registration: dict[str, Any] | None
+) -> tuple[str, str, str | None] | None:
+    """(In the sidecar.) Assemble the MLflow model from the folder the training process
+    staged, log it under ``model``, and register it when the spec says so; returns
+    ``(name, version, alias)`` of the registered version, if any."""
+    import shutil
+    import tempfile
+
+    from dlpipe import packaging
+
+    with tempfile.TemporaryDirectory(prefix="dlpipe-mlflow-model-") as tmp:
+        try:
+            folder = packaging.save_mlflow_model(staged, Path(tmp) / packaging.MODEL_ARTIFACT_PATH)
+        except Exception as exc:  # not the store's failure: keep the run, log the file
+            client.set_tag(run_id, "dlpipe.model_error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.log_artifact(run_id, str(Path(staged) / packaging.KERAS_FILE),
+                                packaging.MODEL_ARTIFACT_PATH)
+            return None
+        client.log_artifacts(run_id, str(folder), packaging.MODEL_ARTIFACT_PATH)
+    shutil.rmtree(staged, ignore_errors=True)  # a copy made for this request
+    if not registration:
+        return None
+    name, alias = registration["name"], registration.get("alias")
+    version = packaging.register_version(client, run_id, name, alias)
+    return name, version, alias
+
+
+def _stage_model(context: Any, path: str) -> Path | None:
+    """(In the training process.) Write what the sidecar needs to log the MLflow model
+    of ``context.model``, saved at ``path``; ``None`` when it cannot be staged (the
+    ``.keras`` file is then logged on its own)."""
+    from dlpipe import packaging
+
+    folder = Path(context.run_dir) / "mlflow_model"
+    try:
+        return packaging.stage_model(
+            context.model, path, folder, context.data, context.model_entry(), context,
+            export=context.spec.model.tracking.export,
+        )
+    except Exception as exc:
+        print(f"mlflow: logging model/model.keras only; the MLflow model could not be "
+              f"prepared ({type(exc).__name__}: {exc})", flush=True)
+        return None
 
 
 @hookimpl
@@ -893,11 +947,18 @@ def on_artifact(context: Any, stage: Any, path: str, artifact_path: str) -> None
     tracker = _tracker(context)
     if tracker is None:
         return
-    if artifact_path == "model" and not context.spec.model.tracking.log_model:
+    settings = context.spec.model.tracking
+    if artifact_path == "model" and not settings.log_model:
         return
+    # The final model (model/model.keras) is logged as an MLflow model with it.
+    if artifact_path == "model" and Path(path).name == "model.keras" and context.model is not None:
+        staged = _stage_model(context, path)
+        if staged is not None:
+            registration = settings.registration
+            tracker.send("model", str(staged.resolve()),
+                         registration.model_dump() if registration else None)
+            return
     tracker.send("artifact", str(Path(path).resolve()), artifact_path or None)
-    if artifact_path == "model" and context.spec.model.tracking.mlflow_flavor:
-        _log_flavor(tracker, context.model)
 
 
 @hookimpl

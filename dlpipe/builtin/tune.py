@@ -222,9 +222,11 @@ def register_stages(register):
 
 @hookimpl(trylast=True)
 def on_metrics(context, stage, metrics, step):
-    """Report each epoch to the pruner (after tracking logged it); may stop the trial."""
+    """Report each epoch to the pruner (after tracking logged it); may stop the trial.
+    Also records the trial's MLflow run id in the trial, once tracking knows it."""
     trial = context.extras.get(TRIAL_KEY)
     if trial is not None and step is not None:
+        trial.note_run_id(context)
         trial.report_epoch(metrics, step)
 
 

@@ -9,8 +9,8 @@ turns every latent sample into an image. Here:
    as :mod:`dlpipe.models.autoencoder` and :mod:`dlpipe.models.vae` have. It comes
    from an earlier model stage of the same pipeline (``autoencoder: {stage: NAME}``,
    read from ``context.models``), from another run (``{run_id: ID}``: its logged
-   ``model/model.keras`` artifact), from a model URI (``models:/NAME/1``,
-   ``runs:/ID/model/model.keras``) or from a local ``.keras`` file. Its encoder and
+   ``model`` artifact), from a model URI (``models:/NAME@alias``, ``models:/NAME/1``,
+   ``runs:/ID/model``) or from a local ``.keras`` file or model folder. Its encoder and
    decoder are copied and frozen. An encoder with two outputs is read as a VAE's
    ``(z_mean, z_log_var)`` and its mean is used.
 2. The latents of the training split are encoded once at build time to get their
@@ -224,23 +224,20 @@ def load_source(source: Any, context: Any) -> Any:
                 f"stage of this pipeline; earlier model stages: {sorted(models) or 'none'}"
             )
         return models[source.stage]
-    import mlflow
+    from dlpipe import packaging
 
+    # dlpipe.packaging resolves the reference (runs:/, models:/NAME@alias, models:/NAME/1)
+    # in this store and imports the modules of the model's classes before loading it.
     uri = tracking_uri_of(source, context)
     if source.run_id:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=source.run_id,
-            artifact_path=source.artifact_path,
-            tracking_uri=uri,
-            dst_path=download_dir(context),
-        )
+        reference = f"runs:/{source.run_id}/{source.artifact_path}"
     elif len(urlparse(source.uri).scheme) <= 1:
-        local = source.uri  # a local path (no scheme, or a Windows drive letter)
+        # a local path (no scheme, or a Windows drive letter): a .keras file or a
+        # folder holding one (an MLflow model folder, say)
+        reference = str(find_keras_file(Path(source.uri)))
     else:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=source.uri, tracking_uri=uri, dst_path=download_dir(context)
-        )
-    return keras.saving.load_model(find_keras_file(Path(local)))
+        reference = source.uri
+    return packaging.load_keras_model(reference, uri, dst=download_dir(context))
 
 
 def fresh_autoencoder(data: Any, latent_dim: int = 4) -> Any:

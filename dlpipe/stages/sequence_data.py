@@ -563,12 +563,26 @@ def sort(ctx: Any, params: Any) -> None:
 
 
 def tokenizer(ctx: Any, params: Any) -> None:
-    """Re-tokenize the sequence bundle of the data stage before it (char or subword)."""
+    """Re-tokenize the texts of the data stage before it (char or subword): the pairs
+    of a sequence-to-sequence bundle, or the texts of a text classification bundle."""
     data = ctx.data
+    if isinstance(data, TextClassBundle) and data.texts:
+        if params.apply_to == "target":
+            raise DlpipeError(
+                f"stage {ctx.stage.id!r}: apply_to: target re-tokenizes target texts, but "
+                f"{data.name!r} is text classification data, which has none; use "
+                "apply_to: source (or both)"
+            )
+        vocab = make_vocabulary(data.texts["train"], params.level, params.vocab_size,
+                                params.min_frequency)
+        parts = {s: (data.texts[s], [int(v) for v in np.asarray(data.y[s])]) for s in SPLITS}
+        publish_text_classes(ctx, text_class_bundle(data.name, parts, data.class_names, vocab))
+        return
     if not isinstance(data, SeqBundle) or not data.texts:
         raise DlpipeError(
-            f"stage {ctx.stage.id!r}: the tokenizer needs a sequence data stage before it "
-            "(seq_addition, seq_dates, seq_reverse or seq_sort)"
+            f"stage {ctx.stage.id!r}: the tokenizer needs a data stage of texts before it "
+            "(seq_addition, seq_dates, seq_reverse, seq_sort, seq_arith_check or "
+            "text_directory)"
         )
     bundle = tokenize(data.name, data.texts, params.level, params.vocab_size,
                       params.min_frequency, params.apply_to)
@@ -760,10 +774,14 @@ def split_labelled(
 
 
 def text_class_bundle(
-    name: str, parts: dict[str, tuple[list[str], list[int]]], class_names: list[str]
+    name: str,
+    parts: dict[str, tuple[list[str], list[int]]],
+    class_names: list[str],
+    vocab: Vocabulary | None = None,
 ) -> TextClassBundle:
-    """Character-tokenize labelled texts; the vocabulary comes from the training split."""
-    vocab = char_vocabulary(parts["train"][0])
+    """Tokenize labelled texts with ``vocab`` (default: the characters of the training
+    split)."""
+    vocab = vocab or char_vocabulary(parts["train"][0])
     length = max(len(vocab.encode(t)) for texts, _ in parts.values() for t in texts)
     return TextClassBundle(
         x={s: encode_texts(parts[s][0], vocab, length, end=False) for s in SPLITS},
@@ -804,14 +822,25 @@ def arith_check(ctx: Any, params: Any) -> None:
     texts, labels = arith_check_examples(params.n, params.digits, params.operators,
                                          params.off_by, params.swap_fraction, seed)
     parts = split_labelled(texts, labels, params.val_fraction, params.test_fraction, seed)
-    bundle = text_class_bundle("arith_check", parts, ARITH_CLASSES)
+    publish_text_classes(ctx, text_class_bundle("arith_check", parts, ARITH_CLASSES))
+
+
+def publish_text_classes(ctx: Any, bundle: TextClassBundle) -> None:
+    """Set ``ctx.data``, log the vocabulary and print a summary with examples."""
     ctx.data = bundle
     ctx.extras["data"] = bundle.describe()
     ctx.log_artifact(save_text_vocabulary(bundle, Path(ctx.run_dir) / "vocab" / "vocab.json"),
                      "vocab")
     assert bundle.vocab is not None
     sizes = "/".join(str(bundle.size(s)) for s in SPLITS)
-    shown = ", ".join(f"{t!r}: {ARITH_CLASSES[y]}" for t, y in
-                      zip(bundle.texts["train"][:3], parts["train"][1][:3], strict=False))
-    print(f"data: arith_check {sizes} train/val/test, char tokens, vocab {bundle.vocab.size}, "
-          f"length {bundle.sequence_length}; e.g. {shown}")
+    labels = np.asarray(bundle.y["train"])
+    shown = ", ".join(
+        f"{_short_text(t)!r}: {bundle.class_names[int(y)]}"
+        for t, y in zip(bundle.texts["train"][:3], labels[:3], strict=False)
+    )
+    print(f"data: {bundle.name} {sizes} train/val/test, {bundle.vocab.level} tokens, vocab "
+          f"{bundle.vocab.size}, length {bundle.sequence_length}; e.g. {shown}")
+
+
+def _short_text(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

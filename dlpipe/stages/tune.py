@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -54,6 +56,8 @@ WORKER_ENV = "DLPIPE_TUNE_WORKER"
 TARGET_ENV = "DLPIPE_TUNE_TARGET"
 #: Stage kinds that only prepare data: run once per process, not once per trial.
 DATA_KINDS = ("data",)
+#: The trial's user attribute that names its MLflow run (the child run of the study's).
+RUN_ID_ATTR = "mlflow_run_id"
 
 
 # --------------------------------------------------------------------------------------
@@ -72,6 +76,18 @@ class TrialRun:
     error: str | None = None
     state: str = "RUNNING"
     pruned_at: int | None = None
+    run_id: str | None = None
+
+    def note_run_id(self, ctx: Any) -> None:
+        """Record the trial's MLflow run in the trial (user attr :data:`RUN_ID_ATTR`),
+        as soon as tracking knows its id; Optuna's dashboard shows it beside the trial."""
+        tracker = ctx.extras.get("mlflow")
+        if self.run_id is not None or tracker is None:
+            return
+        run_id = tracker.run_id  # does not wait for the store
+        if run_id is not None:
+            self.run_id = run_id
+            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
 
     def report_epoch(self, metrics: Any, step: int) -> None:
         if self.prune_metric is None or self.prune_metric not in metrics:
@@ -89,6 +105,7 @@ class TrialRun:
 
     def finish(self, ctx: Any, error: BaseException | None) -> None:
         """Called from the nested run's ``after_run`` / ``on_run_error`` hooks."""
+        self.note_run_id(ctx)
         if error is None:
             try:
                 self.values = [objective_value(ctx, o) for o in self.params.objectives]
@@ -179,6 +196,29 @@ def make_storage(url: str, params: TuneParams) -> Any:
                 f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: {exc}\n"
                 f"    set tune params.storage or ${STORAGE_ENV} to a reachable database URL"
             ) from None
+
+
+def name_metrics(study: optuna.Study, names: list[str]) -> None:
+    """Name the objectives in the study, so that Optuna's dashboard shows
+    ``val_accuracy`` instead of ``Objective 0``."""
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # set_metric_names is marked experimental
+        study.set_metric_names(names)
+
+
+def dashboard_command(url: str) -> str:
+    """The command that opens the study's storage in optuna-dashboard."""
+    return f"optuna-dashboard {shlex.quote(_hide_password(url))}"
+
+
+def dashboard_hint(url: str) -> str:
+    """How to browse the studies in ``url``, with the install command if needed."""
+    hint = f"`{dashboard_command(url)}`"
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        hint += " (pip install optuna-dashboard)"
+    return hint
 
 
 def make_sampler(params: TuneParams, seed: int) -> Any:
@@ -365,6 +405,7 @@ class Study:
                 pruner=make_pruner(params),
             )
             self.resumed = self.name in existing
+            name_metrics(self.study, [o.metric for o in params.objectives])
             trials = self.study.get_trials(deepcopy=False)
             self.target, self.joined = self._round(tally(trials))
         seed = params.seed if params.seed is not None else self.spec.model.seed
@@ -427,6 +468,8 @@ class Study:
         plan = (f"joining its round: {t.counted}/{self.target} trials" if self.joined
                 else f"adding {self.target - t.counted} trials to {t.counted}")
         print(f"tune{tag}: {what} {self.name!r} in {_hide_password(self.url)}; {plan}", flush=True)
+        if not self.worker:
+            print(f"tune: watch it live with {dashboard_hint(self.url)}", flush=True)
         for stage in self.prefix:
             run_stage(self.ctx, stage)
         self.ctx.stage = self.stage
@@ -623,9 +666,17 @@ def summarize(ctx: Any, study: Study) -> None:
         metric = study.params.objectives[0].metric
         summary |= {"best_trial": best.number, "best_value": best.value,
                     "best_params": _decoded(best.params)}
-        ctx.log_metrics({**counts, "best_value": float(best.value), f"best_{metric}": float(best.value)})
+        # MLflow keeps the params a run started with (the spec's untuned values): the
+        # best values go beside them, as metrics where they are numbers and as tags.
+        numeric = {f"best.{path}": float(value) for path, value in best.params.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        ctx.log_metrics({**counts, "best_value": float(best.value), f"best_{metric}": float(best.value),
+                         "best_trial": best.number, **numeric})
         for path, value in _decoded(best.params).items():
             ctx.tags[f"best.{path}"] = _short(value)
+        run_id = best.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            ctx.tags["optuna.best_run_id"] = run_id
         print(f"tune: best {metric}={best.value:.5g} (trial {best.number}): "
               f"{_decoded(best.params)}", flush=True)
     summary_path = out / "study.json"
@@ -636,6 +687,7 @@ def summarize(ctx: Any, study: Study) -> None:
     ctx.log_artifact(trials_path, "tune")
     for filename, figure in study_plots(s, study.params):
         ctx.log_figure(figure, filename, "tune")
+    print(f"tune: study {study.name!r}; browse it with {dashboard_hint(study.url)}", flush=True)
 
 
 def _decoded(params: dict[str, Any]) -> dict[str, Any]:
