@@ -73,6 +73,8 @@ FORMAT_VERSION = 1
 EXAMPLE_ROWS = 2
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+#: The start of a run id (``dlpipe`` prints the first 8 characters).
+_RUN_PREFIX = re.compile(r"^[0-9a-f]{6,31}$")
 
 
 # --------------------------------------------------------------------------------------
@@ -817,10 +819,24 @@ def export_onnx(model: Any, meta: Mapping[str, Any], path: Path) -> str | None:
             tf2onnx.convert.from_function(
                 tf.function(fn), input_signature=specs, output_path=str(path)
             )
+        _check_onnx(path)
     except Exception as exc:
         Path(path).unlink(missing_ok=True)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return None
+
+
+def _check_onnx(path: Path) -> None:
+    """tf2onnx sometimes writes a graph ONNX Runtime refuses (a ``Bitcast`` node, say):
+    open it with ONNX Runtime when installed, else run ONNX's checker."""
+    try:
+        import onnxruntime
+    except ImportError:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        return
+    onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------------------
@@ -1033,7 +1049,8 @@ def resolve_model_uri(text: str, tracking_uri: str) -> str:
     ``tracking_uri``; a :class:`DlpipeError` says what is missing and what exists.
     """
     text = text.strip()
-    if _is_local(text) and not _RUN_ID.match(text):
+    is_run = bool(_RUN_ID.match(text)) or (bool(_RUN_PREFIX.match(text)) and not Path(text).exists())
+    if _is_local(text) and not is_run:
         path = Path(text).expanduser()
         if path.is_file() and path.suffix == ".keras":
             return str(path.resolve())
@@ -1053,8 +1070,8 @@ def resolve_model_uri(text: str, tracking_uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if _RUN_ID.match(text):
-        text = f"runs:/{text}/{MODEL_ARTIFACT_PATH}"
+    if is_run:
+        text = f"runs:/{_full_run_id(client, text, tracking_uri)}/{MODEL_ARTIFACT_PATH}"
     if text.startswith("runs:/"):
         run_id, _, artifact = text[len("runs:/"):].partition("/")
         try:
@@ -1086,6 +1103,22 @@ def resolve_model_uri(text: str, tracking_uri: str) -> str:
             raise DlpipeError(_registry_problem(client, name, alias, version, tracking_uri)) from exc
         return text
     raise DlpipeError(f"cannot load a model from {text!r}")
+
+
+def _full_run_id(client: Any, text: str, tracking_uri: str) -> str:
+    """The run whose id is or starts with ``text`` (the one run, or an error)."""
+    if _RUN_ID.match(text):
+        return text
+    experiments = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    found = client.search_runs(
+        experiments, filter_string=f"attributes.run_id LIKE '{text}%'", max_results=10
+    ) if experiments else []
+    if len(found) == 1:
+        return str(found[0].info.run_id)
+    if not found:
+        raise DlpipeError(f"no run {text}... in {tracking_uri}")
+    ids = ", ".join(r.info.run_id for r in found)
+    raise DlpipeError(f"{text} is the start of several run ids ({ids}); give more of it")
 
 
 def _registry_problem(client: Any, name: str, alias: str | None, version: str | None, uri: str) -> str:

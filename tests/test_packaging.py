@@ -128,7 +128,8 @@ out["keras"] = keras_model.predict(np.load(sys.argv[1] + "/normalized.npy"), ver
 # The SavedModel needs no dlpipe classes and takes raw inputs too.
 import tensorflow as tf
 local = mlflow.artifacts.download_artifacts("models:/digits-lenet@champion")
-served = tf.saved_model.load(local + "/saved_model").serve(tf.constant(raw, tf.float32))
+saved_model = tf.saved_model.load(local + "/saved_model")
+served = saved_model.serve(tf.constant(raw, tf.float32))
 out["saved_model"] = np.asarray(served).tolist()
 print(json.dumps(out))
 """
@@ -142,7 +143,8 @@ def fresh(runs):
     np.save(folder / "normalized.npy", runs["second"].data.x["test"])
     iris_raw = raw_iris_test(runs["iris"])
     iris_raw.to_json(folder / "iris.json", orient="split")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": runs["uri"], "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": runs["uri"], "TF_CPP_MIN_LOG_LEVEL": "3",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(FRESH), str(folder), str(runs["iris_dir"])],
         capture_output=True, text=True, timeout=300, env=env, cwd=folder,
@@ -214,10 +216,10 @@ def test_registry_versions_and_alias(runs):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(runs["uri"])
-    versions = {v.version: v.run_id for v in client.search_model_versions(f"name='{NAME}'")}
+    versions = {str(v.version): v.run_id for v in client.search_model_versions(f"name='{NAME}'")}
     assert versions == {"1": runs["first"].run_id, "2": runs["second"].run_id}
     # The alias moved to the newest run's model.
-    assert client.get_model_version_by_alias(NAME, "champion").version == "2"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
 
 
 def test_resolve_model_uri_forms(runs):
@@ -225,6 +227,7 @@ def test_resolve_model_uri_forms(runs):
 
     uri, run_id = runs["uri"], runs["second"].run_id
     assert resolve_model_uri(run_id, uri) == f"runs:/{run_id}/model"
+    assert resolve_model_uri(run_id[:8], uri) == f"runs:/{run_id}/model"  # as dlpipe prints it
     assert resolve_model_uri(f"runs:/{run_id}/model", uri) == f"runs:/{run_id}/model"
     assert resolve_model_uri(f"models:/{NAME}@champion", uri) == f"models:/{NAME}@champion"
     assert resolve_model_uri(f"models:/{NAME}/1", uri) == f"models:/{NAME}/1"

@@ -188,9 +188,11 @@ def test_only_connection_errors_suggest_fixing_the_uri():
 
 
 def test_write_atomic_replaces_the_whole_file(tmp_path):
+    from dlpipe.checkpoint import atomic_write_text
+
     path = tmp_path / "tracking.json"
-    paths.write_atomic(path, "old")
-    paths.write_atomic(path, '{"run_id": "new"}')
+    atomic_write_text(path, "old")
+    atomic_write_text(path, '{"run_id": "new"}')
     assert json.loads(path.read_text()) == {"run_id": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["tracking.json"]
 

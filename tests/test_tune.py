@@ -161,7 +161,9 @@ def test_study_writes_a_child_run_per_trial_and_resumes(workdir, capsys):
     assert parent.data.tags["dlpipe.refit_trial"] in {"0", "1"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert {"tune/optimization_history.png", "tune/study.json", "tune/trials.csv"} <= artifacts
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} == {"model/model.keras"}
+    # The refit model: the Keras file and the MLflow model around it.
+    assert {"model/model.keras", "model/MLmodel"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "model")}
 
     # The same spec again resumes the study and adds its n_trials.
     assert main(["run", spec]) == 0

@@ -876,6 +876,11 @@ def log_model(
             client.log_artifact(run_id, str(Path(staged) / packaging.KERAS_FILE),
                                 packaging.MODEL_ARTIFACT_PATH)
             return None
+        # model.keras first and on its own, as before MLflow models: the folder's other
+        # files join it under model/.
+        keras_file = Path(tmp) / packaging.KERAS_FILE
+        (folder / packaging.KERAS_FILE).rename(keras_file)
+        client.log_artifact(run_id, str(keras_file), packaging.MODEL_ARTIFACT_PATH)
         client.log_artifacts(run_id, str(folder), packaging.MODEL_ARTIFACT_PATH)
     shutil.rmtree(staged, ignore_errors=True)  # a copy made for this request
     if not registration:
