@@ -89,9 +89,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
     the lock when the process dies, so a killed run never leaves a stale lock."""
     import fcntl
 
-    # Tune workers (dlpipe run --workers) share a spec; each gets its own lock.
-    worker = os.environ.get("DLPIPE_TUNE_WORKER")
-    path = run_dir / (f".lock-worker-{worker}" if worker else ".lock")
+    path = run_dir / ".lock"
     handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
     try:
         try:
@@ -138,14 +136,18 @@ def run_pipeline(
     A run that was killed or failed resumes when run again: train stages continue
     from their last snapshot (``restart=True`` starts over; ``resume_older=True``
     skips a damaged newest snapshot). The resume state is removed once the run has
-    finished. The run folder is locked while the run lasts.
+    finished. The run folder is locked while the run lasts, unless a tune stage drives
+    the run (tuning processes share a study on purpose).
     """
     if run_dir is None:
         run_dir = run_dir_for(spec)
         if smoke:
             run_dir = run_dir.with_name(run_dir.name + "-smoke")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_dir_lock(run_dir):
+    # A tuner's processes share its study on purpose (--workers, or the same spec run
+    # twice); its trials have folders of their own. Other specs hold the run folder.
+    shared = driver_index(spec, plugins) is not None
+    with contextlib.nullcontext() if shared else run_dir_lock(run_dir):
         return _run_locked(spec, plugins, run_dir, smoke, restart, resume_older)
 
 

@@ -67,10 +67,12 @@ def check_architecture(
     data: DataBundle | None = None,
     batch_size: int = 8,
     package_to: str | Path | None = None,
+    export: bool = True,
 ) -> Any:
     """Build, train one step, predict; return the model. Raises AssertionError on failure.
 
-    ``package_to``: also save the model there with :func:`package_model`."""
+    ``package_to``: also save the model there with :func:`package_model` (``export``:
+    with the SavedModel export, which costs seconds per model)."""
     import keras
 
     from dlpipe.stages.train import default_loss
@@ -120,7 +122,7 @@ def check_architecture(
         )
         assert np.all(np.isfinite(samples)), f"{entry.name}: generate_samples is not finite"
     if package_to is not None:
-        package_model(entry, model, data, package_to)
+        package_model(entry, model, data, package_to, export=export)
     return model
 
 
@@ -128,13 +130,16 @@ def check_architecture(
 EXPECTED_SUFFIX = ".expected.npz"
 
 
-def package_model(entry: Any, model: Any, data: DataBundle, folder: str | Path) -> Path:
-    """Save ``model`` as the MLflow model a run logs (SavedModel export included) and
-    write the live model's predictions for the input example beside the folder."""
+def package_model(
+    entry: Any, model: Any, data: DataBundle, folder: str | Path, export: bool = True
+) -> Path:
+    """Save ``model`` as the MLflow model a run logs (with the SavedModel export unless
+    ``export`` is false) and write the live model's predictions for the input example
+    beside the folder."""
     from dlpipe import packaging
 
     folder = Path(folder)
-    packaging.save_model(model, data, folder, entry)
+    packaging.save_model(model, data, folder, entry, export=export)
     meta = packaging.read_meta(folder)
     params = packaging.signature_params(meta)
     example = packaging.example_inputs(model, data, meta)

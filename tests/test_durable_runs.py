@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,11 +149,25 @@ def test_a_run_killed_after_training_is_not_trained_again(workdir, capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _interrupted(workdir: Path, epochs: int = 8, at: int = 4) -> tuple[str, BackupFolder]:
-    text = spec_text(epochs=epochs)
+@pytest.fixture(scope="module")
+def interrupted_once(tmp_path_factory):
+    """A run folder left by a run interrupted in epoch 5 of 8 (snapshots after epochs 3
+    and 4), made once; each test gets its own copy of it."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(spec_text(epochs=8), Interrupt(epoch=4))
+    finally:
+        os.chdir(old)
+    return folder / "mlruns"
+
+
+def _interrupted(workdir: Path, made: Path) -> tuple[str, BackupFolder]:
+    text = spec_text(epochs=8)
     (workdir / "durable.yaml").write_text(text)
-    with pytest.raises(KeyboardInterrupt):
-        run(text, Interrupt(epoch=at))
+    shutil.copytree(made, workdir / "mlruns")
     return text, BackupFolder(run_dir_for(resolved(text)) / "backup")
 
 
@@ -167,8 +182,8 @@ def _interrupted(workdir: Path, epochs: int = 8, at: int = 4) -> tuple[str, Back
         ("json", "state.json is unreadable"),
     ],
 )
-def test_a_damaged_backup_is_named_and_kept(workdir, capsys, damage, expected):
-    _, backup = _interrupted(workdir)
+def test_a_damaged_backup_is_named_and_kept(workdir, capsys, interrupted_once, damage, expected):
+    _, backup = _interrupted(workdir, interrupted_once)
     newest = backup.names()[-1]
     weights = newest / "weights.weights.h5"
     state = newest / "state.json"
@@ -198,6 +213,8 @@ def test_a_damaged_backup_is_named_and_kept(workdir, capsys, damage, expected):
         assert "Traceback" not in err
         assert folder_digest(backup.folder) == before
 
+    if damage != "truncate":
+        return  # continuing from the older snapshot is the same for every kind of damage
     assert main(["run", "durable.yaml", "--resume-older"]) == 0
     out = capsys.readouterr().out
     assert f"set aside the damaged backup {newest}" in out
@@ -205,8 +222,8 @@ def test_a_damaged_backup_is_named_and_kept(workdir, capsys, damage, expected):
     assert not backup.folder.exists()  # the finished run needs no resume state
 
 
-def test_restart_starts_over_and_keeps_the_old_backup_aside(workdir, capsys):
-    _, backup = _interrupted(workdir)
+def test_restart_starts_over_and_keeps_the_old_backup_aside(workdir, capsys, interrupted_once):
+    _, backup = _interrupted(workdir, interrupted_once)
     (backup.names()[-1] / "weights.weights.h5").write_bytes(b"")
     assert main(["run", "durable.yaml", "--restart"]) == 0
     out = capsys.readouterr().out
@@ -284,7 +301,7 @@ def test_divergence_guard_can_be_turned_off_and_has_a_max_loss(workdir):
 def _start(repo: Path, workdir: Path, *args: str, env: dict[str, str] | None = None):
     return subprocess.Popen(
         [sys.executable, "-m", "dlpipe", "run", str(repo / "pipelines" / "xor.yaml"),
-         "--set", "train.epochs=400", "--set", "train.early_stopping=null",
+         "--set", "train.epochs=120", "--set", "train.early_stopping=null",
          "--set", "train.checkpoint.every_seconds=0", "--set", "train.verbose=0", *args],
         cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
@@ -318,13 +335,13 @@ def test_a_signal_during_a_checkpoint_write_ends_killed_and_resumes(workdir, rep
     assert "Traceback" not in out and "interrupted" in out
     assert " KILLED" in out
     backup = BackupFolder(next(workdir.glob("mlruns/runs/*/backup")))
-    epoch = backup.load(400).epoch  # the newest snapshot is whole
+    epoch = backup.load(120).epoch  # the newest snapshot is whole
     assert not list(backup.folder.glob(".tmp-*"))
 
     again = _start(repo, workdir)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
-    assert f"after epoch {epoch} of 400" in out
+    assert f"after epoch {epoch} of 120" in out
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     statuses = [r.info.status for r in client.search_runs(
         [client.get_experiment_by_name("dlpipe-training").experiment_id])]
@@ -348,7 +365,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_torn_file(workdir, repo):
     if not _mount_tmpfs(home, 1500):
         pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
     try:
-        # Leave room for the run folder and a few checkpoints, not for 400 epochs of plots.
+        # Leave room for the run folder and a few checkpoints, not for 120 epochs of snapshots and plots.
         (home / "filler").write_bytes(b"\0" * 1440 * 1024)
         store = workdir / "store" / "mlflow.db"
         proc = _start(repo, workdir, env={"DLPIPE_HOME": str(home / "mlruns"),
@@ -359,7 +376,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_torn_file(workdir, repo):
         assert "Traceback" not in out and "fix tracking.uri" not in out
         assert not [p for p in home.rglob(".tmp-*")], "a temporary file was left behind"
         for folder in home.glob("mlruns/runs/*/backup"):
-            BackupFolder(folder).load(400)  # whatever snapshot is there is whole
+            BackupFolder(folder).load(120)  # whatever snapshot is there is whole
         client = MlflowClient(f"sqlite:///{store}")
         (run_info,) = client.search_runs(
             [client.get_experiment_by_name("dlpipe-training").experiment_id])
