@@ -330,7 +330,7 @@ def _numbers(
         try:
             return array.astype(np.float64)
         except (TypeError, ValueError):
-            bad = ~np.vectorize(_is_number, otypes=[bool])(array)
+            bad = ~np.vectorize(is_number, otypes=[bool])(array)
     else:
         bad = np.ones(array.shape, dtype=bool)
     first = np.unravel_index(int(np.argmax(bad)), array.shape)
@@ -347,7 +347,8 @@ def _numbers(
     )
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether ``float(value)`` works (numbers, and text that reads as one)."""
     try:
         float(value)
     except (TypeError, ValueError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.data import SPLITS, DataBundle
-from dlpipe.datacheck import check_arrays, check_split, stratify_problem
+from dlpipe.datacheck import check_arrays, check_split, is_number, stratify_problem
 from dlpipe.errors import DlpipeError, close_matches
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -108,6 +108,17 @@ def npz(ctx: Any, params: Any) -> None:
     _finish(ctx, params, path.stem, x, y, task, class_names, weights=weights, source=str(path))
 
 
+def class_folders(
+    root: Path, list_files: Callable[[Path], list[Path]]
+) -> tuple[dict[str, list[Path]], list[str]]:
+    """``{class: files}`` for the sub-folders of ``root`` that hold files (sorted by
+    name; hidden folders skipped), and the names of those that hold none."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = {d.name: list_files(d) for d in class_dirs}
+    empty = [name for name, files in found.items() if not files]
+    return {name: files for name, files in found.items() if files}, empty
+
+
 def image_directory(ctx: Any, params: Any) -> None:
     """A folder with one sub-folder of images per class (``path/<class>/<image>.png``)."""
     root = Path(params.path)
@@ -115,10 +126,7 @@ def image_directory(ctx: Any, params: Any) -> None:
     if not root.is_dir():
         raise DlpipeError(f"image folder not found: {root} ({_cwd_note(root)}); {layout}")
 
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files_by_class = {d.name: _image_files(d) for d in class_dirs}
-    empty = [name for name, files in files_by_class.items() if not files]
-    files_by_class = {name: files for name, files in files_by_class.items() if files}
+    files_by_class, empty = class_folders(root, _image_files)
     if not files_by_class:
         loose = len(_image_files(root))
         hint = f" (found {loose} image(s) directly in {root}, but none in class sub-folders)" if loose else ""
@@ -286,7 +294,7 @@ class TablePreprocessing:
             try:
                 table[c] = np.asarray(values, dtype=str if c in self.categories else np.float64)
             except ValueError:
-                bad = next(v for v in values if not _is_number(v))
+                bad = next(v for v in values if not is_number(v))
                 raise DlpipeError(f"column {c!r} holds numbers, not {bad!r}") from None
         return self.encode_columns(table)
 
@@ -296,14 +304,6 @@ class TablePreprocessing:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TablePreprocessing:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _cell(value: Any, categorical: bool) -> Any:
@@ -537,10 +537,7 @@ def text_directory(ctx: Any, params: Any) -> None:
     layout = f"expected one sub-folder of .txt files per class: {root}/<class>/<name>.txt"
     if not root.is_dir():
         raise DlpipeError(f"{root} is not a folder; {layout}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files_by_class = {d.name: _text_files(d) for d in class_dirs}
-    empty = [name for name, files in files_by_class.items() if not files]
-    files_by_class = {name: files for name, files in files_by_class.items() if files}
+    files_by_class, empty = class_folders(root, _text_files)
     if not files_by_class:
         loose = len(_text_files(root))
         hint = ""
