@@ -253,7 +253,7 @@ def make_loss(
     """What ``model.compile(loss=...)`` gets for the train stage's ``loss`` option.
 
     ``spec`` is a plain Keras loss name (passed through unchanged) or the structured
-    :class:`dlpipe.builtin.training.LossParams`. A structured loss with no options set
+    :class:`dlpipe.stages.train.LossParams`. A structured loss with no options set
     and a Keras name is passed as that name too, so its behaviour is exactly Keras'.
     ``num_classes`` (the model's output width) resolves class-weight mappings;
     ``train_labels`` resolves ``class_weights: balanced``.

@@ -455,8 +455,34 @@ class _Loader:
             self.add_module(entry, "spec", name=entry)
 
 
+#: The built-in plugins. Each is an ordinary plugin package: it implements hooks from
+#: :mod:`dlpipe.hookspecs` with ``@hookimpl`` exactly as a third-party package would,
+#: and keeps TensorFlow out of its imports by registering ``"module:function"`` strings.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "dlpipe.stages.data",
+    "dlpipe.stages.augment",
+    "dlpipe.stages.train",
+    "dlpipe.stages.evaluate",
+    "dlpipe.strategies",
+    "dlpipe.tracking",
+    "dlpipe.stages.tune",
+    "dlpipe.models.vae",
+    "dlpipe.models.gan",
+    "dlpipe.models.mlp",
+    "dlpipe.stages.sequences",
+    "dlpipe.stages.shapes",
+    "dlpipe.models.srgan",
+    "dlpipe.models.ddpm",
+    "dlpipe.stages.reports",
+    "dlpipe.models.unet",
+    "dlpipe.models.yolo",
+    "dlpipe.models.vit",
+    "dlpipe.models.clip",
+)
+
+
 def builtin_name(module_name: str) -> str:
-    """``dlpipe.builtin.data`` is listed as plugin ``dlpipe.data``."""
+    """``dlpipe.stages.data`` is listed as plugin ``dlpipe.data``."""
     return "dlpipe." + module_name.rsplit(".", 1)[-1]
 
 
@@ -476,8 +502,6 @@ def load_plugins(
     :param spec_plugins: the spec's ``plugins:`` list; paths are relative to ``spec_dir``.
     :param extra: in-process plugin objects (tests use this).
     """
-    from dlpipe.builtin import BUILTIN_PLUGINS
-
     pm = new_plugin_manager()
     loader = _Loader(pm)
     if builtins:

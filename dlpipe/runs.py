@@ -130,7 +130,7 @@ def latest_experiment(uri: str) -> tuple[str, str] | None:
 def open_store(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri``. A SQLite store must exist and be SQLite: reading
     must not create an empty store, or paper over a damaged one."""
-    from dlpipe.builtin.tracking import check_store_file
+    from dlpipe.tracking import check_store_file
 
     db = paths.sqlite_file(uri)
     if db is not None and not db.exists():

@@ -75,7 +75,7 @@ def check_architecture(
     with the SavedModel export, which costs seconds per model)."""
     import keras
 
-    from dlpipe.stages.train import default_loss
+    from dlpipe.stages.train.fit import default_loss
 
     params = entry.params.model_validate(dict(entry.example_params or {}))
     if data is None and entry.example_data is not None:

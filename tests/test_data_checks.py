@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from dlpipe import datacheck
-from dlpipe.builtin.data import DigitsParams, NpzParams
 from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError
-from dlpipe.stages import data as data_stages
+from dlpipe.stages.data import DigitsParams, NpzParams
+from dlpipe.stages.data import loaders as data_stages
 
 
 def make_ctx(seed: int = 0) -> Any:
@@ -365,7 +365,7 @@ def test_stratify_problem_agrees_with_scikit_learn() -> None:
 
 
 def test_sequence_pairs_too_few_to_split() -> None:
-    from dlpipe.stages import sequence_data
+    from dlpipe.datasets import sequences as sequence_data
 
     pairs = sequence_data.reverse_pairs(10, "abcd", 2, 5, seed=0)
     with pytest.raises(DlpipeError) as info:
@@ -379,7 +379,7 @@ def test_sequence_pairs_too_few_to_split() -> None:
 
 
 def test_captions_too_few_to_split() -> None:
-    from dlpipe.stages import captions
+    from dlpipe.datasets import captions
 
     with pytest.raises(DlpipeError, match=r"^captions_digits: 2 examples are too few to split"):
         captions.digits_bundle(limit=2)
@@ -475,7 +475,7 @@ stages:
 
 def test_cli_run_stops_at_bad_data_without_training(workdir: Path, capsys, monkeypatch) -> None:
     from dlpipe.cli import main
-    from dlpipe.stages import train
+    from dlpipe.stages.train import fit as train
 
     calls: list[str] = []
     monkeypatch.setattr(train, "keras_fit", lambda ctx, params: calls.append("trained"))

@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dlpipe.builtin.augment import KerasAugmentParams
-from dlpipe.builtin.data import (
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
+from dlpipe.stages.augment import KerasAugmentParams
+from dlpipe.stages.augment import stage as augment_stages
+from dlpipe.stages.data import (
     DigitsParams,
     ImageDirectoryParams,
     IrisParams,
     KerasDatasetParams,
     NpzParams,
 )
-from dlpipe.data import DataBundle
-from dlpipe.errors import DlpipeError
-from dlpipe.stages import augment as augment_stages
-from dlpipe.stages import data as data_stages
+from dlpipe.stages.data import loaders as data_stages
 
 
 def make_ctx(seed: int = 0) -> Any:

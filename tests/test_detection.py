@@ -1,5 +1,5 @@
-"""One-stage detection: IoU, NMS, mAP (dlpipe.detection), the YOLO-v1 targets and loss
-(dlpipe.models.yolo), the detection_report stage, and a short pipeline run."""
+"""One-stage detection: IoU, NMS, mAP (dlpipe.models.yolo.boxes), the YOLO-v1 targets and loss
+(dlpipe.models.yolo.model), the detection_report stage, and a short pipeline run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dlpipe.detection import (  # noqa: E402
+from dlpipe.models.yolo.boxes import (  # noqa: E402
     COCO_IOU_THRESHOLDS,
     Detections,
     GroundTruth,
@@ -180,7 +180,7 @@ def test_decode_grid_places_boxes_in_their_cells_and_suppresses_duplicates():
 
 
 def tiny_bundle():
-    from dlpipe.models.yolo import example_data
+    from dlpipe.models.yolo.model import example_data
 
     return example_data()
 
@@ -188,8 +188,8 @@ def tiny_bundle():
 def tiny_model(**params):
     import keras
 
-    from dlpipe.builtin.detection import YOLOParams
-    from dlpipe.models import yolo
+    from dlpipe.models.yolo import YOLOParams
+    from dlpipe.models.yolo import model as yolo
 
     keras.utils.set_random_seed(0)
     settings = {"grid": 4, "boxes": 2, "filters": [4, 8], "head_filters": 8, **params}
@@ -203,7 +203,7 @@ def as_np(value):
 
 
 def test_encode_targets_puts_each_box_in_the_cell_of_its_centre():
-    from dlpipe.models.yolo import encode_targets
+    from dlpipe.models.yolo.model import encode_targets
 
     y = np.array(
         [
@@ -230,7 +230,7 @@ def test_encode_targets_puts_each_box_in_the_cell_of_its_centre():
 
 def perfect_prediction(y, grid=4, boxes=2, classes=3):
     """The model output that matches ``y`` exactly (predictor 0 responsible)."""
-    from dlpipe.models.yolo import encode_targets
+    from dlpipe.models.yolo.model import encode_targets
 
     t = {k: as_np(v) for k, v in encode_targets(y, grid, classes).items()}
     out = np.zeros((len(y), grid, grid, 5 * boxes + classes), dtype="float32")
@@ -242,7 +242,7 @@ def perfect_prediction(y, grid=4, boxes=2, classes=3):
 
 
 def test_yolo_loss_is_zero_for_a_perfect_prediction_and_each_term_sees_its_error():
-    from dlpipe.models.yolo import yolo_loss_terms
+    from dlpipe.models.yolo.model import yolo_loss_terms
 
     y = tiny_bundle().y["train"][:4]
     perfect = perfect_prediction(y)
@@ -273,7 +273,7 @@ def test_loss_terms_are_named_and_their_weights_change_the_loss():
     import keras
 
     from dlpipe.models.common import set_term_weights
-    from dlpipe.models.yolo import LOSS_TERMS
+    from dlpipe.models.yolo.model import LOSS_TERMS
 
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -303,7 +303,7 @@ def test_loss_terms_are_named_and_their_weights_change_the_loss():
 def test_yolo_output_layout_detect_and_save_reload(tmp_path):
     import keras
 
-    from dlpipe.models.yolo import YOLODetector
+    from dlpipe.models.yolo.model import YOLODetector
 
     model = tiny_model(boxes=3, class_loss="crossentropy")
     x = tiny_bundle().x["test"]
@@ -324,7 +324,7 @@ def test_yolo_output_layout_detect_and_save_reload(tmp_path):
 
 
 def test_dense_head_predicts_any_grid_from_the_whole_image():
-    from dlpipe.models.yolo import yolo_loss_terms
+    from dlpipe.models.yolo.model import yolo_loss_terms
 
     model = tiny_model(grid=3, head="dense", dropout=0.1, batch_norm=False)  # 16 px, 3 cells
     data = tiny_bundle()
@@ -336,9 +336,9 @@ def test_dense_head_predicts_any_grid_from_the_whole_image():
 
 
 def test_yolo_rejects_a_grid_the_image_does_not_divide_into():
-    from dlpipe.builtin.detection import YOLOParams
     from dlpipe.errors import DlpipeError
-    from dlpipe.models import yolo
+    from dlpipe.models.yolo import YOLOParams
+    from dlpipe.models.yolo import model as yolo
 
     with pytest.raises(DlpipeError, match="power of two"):
         yolo.build(YOLOParams(grid=3, filters=[4, 8]), tiny_bundle())  # 16 px, 3 cells
@@ -351,9 +351,9 @@ def test_yolo_rejects_a_grid_the_image_does_not_divide_into():
 
 
 def test_detection_report_needs_a_detector():
-    from dlpipe.builtin.detection import DetectionReportParams
     from dlpipe.errors import DlpipeError
-    from dlpipe.stages.detection_report import detection_report
+    from dlpipe.models.yolo import DetectionReportParams
+    from dlpipe.stages.reports.detection import detection_report
 
     ctx = SimpleNamespace(model=object(), data=tiny_bundle(), stage=SimpleNamespace(id="evaluate"))
     with pytest.raises(DlpipeError, match="no detect"):
@@ -394,7 +394,7 @@ def test_yolo_pipeline_logs_map_boxes_and_a_loadable_model(workdir, repo, capsys
     from mlflow.tracking import MlflowClient
 
     from dlpipe.cli import main
-    from dlpipe.models.yolo import YOLODetector
+    from dlpipe.models.yolo.model import YOLODetector
     from dlpipe.paths import default_tracking_uri
 
     rc = main(

@@ -1,4 +1,4 @@
-"""DDPM/DDIM and latent diffusion (dlpipe.models.diffusion, dlpipe.models.latent_diffusion):
+"""DDPM/DDIM and latent diffusion (dlpipe.models.ddpm.model, dlpipe.models.latent_diffusion.model):
 the forward process, schedules, time embedding, samplers, guidance and EMA on tiny
 models, then short pipeline runs through the CLI (one stage feeding another, and a
 source model taken from an earlier MLflow run)."""
@@ -13,10 +13,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dlpipe.builtin.diffusion import DDPMParams, LatentDiffusionParams, SourceModel  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import diffusion, latent_diffusion  # noqa: E402
-from dlpipe.models.diffusion import NoiseSchedule  # noqa: E402
+from dlpipe.models.ddpm import DDPMParams, LatentDiffusionParams, SourceModel  # noqa: E402
+from dlpipe.models.ddpm import model as diffusion  # noqa: E402
+from dlpipe.models.ddpm.model import NoiseSchedule  # noqa: E402
+from dlpipe.models.latent_diffusion import model as latent_diffusion  # noqa: E402
 
 TINY = {"widths": [8], "timesteps": 30, "sample_steps": 5, "sample_every": 0}
 

@@ -12,15 +12,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dlpipe.builtin.generative import (  # noqa: E402
+from dlpipe.data import DataBundle  # noqa: E402
+from dlpipe.models.autoencoder import model as autoencoder  # noqa: E402
+from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.gan import (  # noqa: E402
     AutoencoderParams,
     CGANParams,
     GANParams,
     WGANGPParams,
 )
-from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import autoencoder, gan, wgan_gp  # noqa: E402
-from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.gan import model as gan  # noqa: E402
+from dlpipe.models.wgan_gp import model as wgan_gp  # noqa: E402
 
 TINY = {"latent_dim": 4, "filters": [8, 4], "sample_every": 0}
 

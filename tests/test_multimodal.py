@@ -15,16 +15,17 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dlpipe.builtin.multimodal import CaptionerParams, CLIPParams  # noqa: E402
-from dlpipe.models import captioner, clip  # noqa: E402
-from dlpipe.stages import captions as cap  # noqa: E402
-from dlpipe.stages.clip_report import (  # noqa: E402
+from dlpipe.datasets import captions as cap  # noqa: E402
+from dlpipe.datasets.sequences import END_ID, PAD_ID  # noqa: E402
+from dlpipe.models.captioner import model as captioner  # noqa: E402
+from dlpipe.models.clip import CaptionerParams, CLIPParams  # noqa: E402
+from dlpipe.models.clip import model as clip  # noqa: E402
+from dlpipe.stages.reports.clip import (  # noqa: E402
     class_embeddings,
     recall_at_k,
     relevance,
     zero_shot_predict,
 )
-from dlpipe.stages.sequence_data import END_ID, PAD_ID  # noqa: E402
 
 TINY = {"filters": [4], "num_heads": 2, "ff_dim": 16, "dropout": 0.0}
 
@@ -152,7 +153,7 @@ def test_digit_captions_are_deterministic_from_the_seed_and_tokenized_by_word():
 
 
 def test_shape_captions_name_every_object_left_to_right():
-    from dlpipe.stages.shapes import COLORS, SHAPES
+    from dlpipe.datasets.shapes import COLORS, SHAPES
 
     bundle = cap.shapes_bundle(30, size=16, objects=(1, 2), seed=1)
     again = cap.shapes_bundle(30, size=16, objects=(1, 2), seed=1)

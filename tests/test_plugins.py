@@ -59,9 +59,9 @@ def fake_distribution(tmp_path, monkeypatch):
 
 def test_builtins_register_through_the_public_hooks(host):
     names = {p.name for p in host.plugins}
-    assert {"dlpipe.data", "dlpipe.training", "dlpipe.tracking", "dlpipe.vae"} <= names
+    assert {"dlpipe.data", "dlpipe.train", "dlpipe.tracking", "dlpipe.vae"} <= names
     assert host.registry.models["vae"].plugin == "dlpipe.vae"
-    assert host.registry.stages["train"]["keras_fit"].plugin == "dlpipe.training"
+    assert host.registry.stages["train"]["keras_fit"].plugin == "dlpipe.train"
     assert set(host.registry.strategies) >= {"auto", "cpu", "one_device", "mirrored"}
     tracking = host.info("dlpipe.tracking")
     assert {"before_run", "after_run", "on_run_error", "on_metrics"} <= set(tracking.hooks)
@@ -153,7 +153,7 @@ def test_duplicate_of_a_builtin_name(host):
         def register_stages(self, register):
             register("train", "keras_fit", lambda ctx, p: None)
 
-    with pytest.raises(PluginError, match="'dlpipe.training' and by plugin 'clash'"):
+    with pytest.raises(PluginError, match="'dlpipe.train' and by plugin 'clash'"):
         load_plugins(plugin_dirs=[], entry_points=False, extra=[Clash()])
 
 
@@ -199,7 +199,7 @@ def test_each_manager_is_fresh():
 
 def test_string_references_resolve_lazily(host):
     entry = host.registry.models["vae"]
-    assert entry.build == "dlpipe.models.vae:build"  # nothing imported at registration
+    assert entry.build == "dlpipe.models.vae.model:build"  # nothing imported at registration
 
 
 def test_dlpipe_plugins_lists_everything(tmp_path, monkeypatch, capsys, fake_distribution):
@@ -210,7 +210,7 @@ def test_dlpipe_plugins_lists_everything(tmp_path, monkeypatch, capsys, fake_dis
     assert "dropped_in 1.2.3  [plugins-dir: plugins/dropped_in.py]" in out
     assert "models:     dropped_net" in out
     assert "fancy 2.0.0  [entrypoint: dlpipe-fancy 2.0.0]" in out
-    assert "dlpipe.training 0.1.0  [builtin: dlpipe.builtin.training]" in out
+    assert "dlpipe.train 0.1.0  [builtin: dlpipe.stages.train]" in out
     assert "stages:     train/keras_fit" in out
     assert main(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}

@@ -1,4 +1,4 @@
-"""The sample_quality evaluate stage (dlpipe.stages.sample_quality) and the GANs'
+"""The sample_quality evaluate stage (dlpipe.stages.reports.sample_quality) and the GANs'
 robustness: generate_samples, mixed precision, the NaN guard on d_loss / g_loss."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dlpipe.builtin.generative import CGANParams, GANParams, WGANGPParams  # noqa: E402
-from dlpipe.builtin.quality import QualityClassifierParams, SampleQualityParams  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.errors import DlpipeError, TrainingDiverged  # noqa: E402
-from dlpipe.models import gan, wgan_gp  # noqa: E402
-from dlpipe.stages import sample_quality as sq  # noqa: E402
+from dlpipe.models.gan import CGANParams, GANParams, WGANGPParams  # noqa: E402
+from dlpipe.models.gan import model as gan  # noqa: E402
+from dlpipe.models.wgan_gp import model as wgan_gp  # noqa: E402
+from dlpipe.stages.reports import QualityClassifierParams, SampleQualityParams  # noqa: E402
+from dlpipe.stages.reports import sample_quality as sq  # noqa: E402
 
 TINY = {"latent_dim": 4, "filters": [8, 4], "sample_every": 0}
 TINY_JUDGE = {"filters": [4], "features": 8, "epochs": 1, "batch_size": 32}
@@ -279,7 +280,7 @@ stages:
 @pytest.mark.slow
 def test_nan_guard_fails_a_gan_run_on_d_loss(monkeypatch, workdir, float32_policy):
     # The data stages refuse NaN input; let one through to reach the training guard.
-    monkeypatch.setattr("dlpipe.stages.data.check_arrays", lambda *a, **k: None)
+    monkeypatch.setattr("dlpipe.stages.data.loaders.check_arrays", lambda *a, **k: None)
     from dlpipe.engine import run_pipeline
     from dlpipe.plugins import load_plugins
     from dlpipe.spec import load_yaml, validate

@@ -1,4 +1,4 @@
-"""U-Net segmentation (dlpipe.models.unet) and the segmentation_report stage: metric
+"""U-Net segmentation (dlpipe.models.unet.model) and the segmentation_report stage: metric
 arithmetic on hand-made masks, model shapes, and one short pipeline run through the CLI."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dlpipe.builtin.segmentation import UNetParams  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import unet  # noqa: E402
-from dlpipe.stages import segmentation_report as report  # noqa: E402
+from dlpipe.models.unet import UNetParams  # noqa: E402
+from dlpipe.models.unet import model as unet  # noqa: E402
+from dlpipe.stages.reports import segmentation as report  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -158,7 +158,7 @@ def test_sizes_that_do_not_divide_are_refused():
 
 
 def test_unet_passes_the_conformance_harness_and_learns(host, monkeypatch):
-    from dlpipe.stages import train
+    from dlpipe.stages.train import fit as train
     from dlpipe.testing import check_architecture
 
     entry = host.registry.models["unet"]

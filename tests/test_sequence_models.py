@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dlpipe.stages import sequence_data as sd
+from dlpipe.datasets import sequences as sd
 
 # --------------------------------------------------------------------------- helpers
 
@@ -83,7 +83,7 @@ def test_tasks_are_correct_and_dates_parse_back():
 
 
 def test_plugin_date_formats_match_the_generator():
-    from dlpipe.builtin.sequence import DateFormat, DatesParams
+    from dlpipe.stages.sequences import DateFormat, DatesParams
 
     assert set(typing.get_args(DateFormat)) == set(sd.DATE_FORMATS)
     assert DatesParams().formats == list(sd.DATE_FORMATS)
@@ -130,7 +130,7 @@ def test_tokenizer_stage_retokenizes_and_logs_the_vocabulary(tmp_path):
     data = sd.tokenize("dates", sd.split_pairs(sd.date_pairs(400, seed=0), 0.1, 0.1, 0))
     ctx = SimpleNamespace(data=data, extras={}, run_dir=tmp_path, stage=SimpleNamespace(id="tok"),
                           log_artifact=lambda path, folder="": logged.append((str(path), folder)))
-    from dlpipe.builtin.sequence import TokenizerParams
+    from dlpipe.stages.sequences import TokenizerParams
 
     sd.tokenizer(ctx, TokenizerParams(level="subword", vocab_size=120))
     bundle = ctx.data
@@ -306,7 +306,7 @@ def test_beam_search_width_one_equals_greedy(copy_model):
 
 
 def test_attention_maps_are_drawn(copy_model):
-    from dlpipe.models.seq2seq import plots
+    from dlpipe.models.seq2seq.model import plots
 
     model, data = copy_model
     figures = list(plots(None, model, data))

@@ -1,4 +1,4 @@
-"""Super-resolution (dlpipe.models.espcn, dlpipe.models.srgan) and the PSNR/SSIM
+"""Super-resolution (dlpipe.models.espcn.model, dlpipe.models.srgan.model) and the PSNR/SSIM
 metrics (dlpipe.models.image_quality): numerical checks on tiny data, and one short
 pipeline run per architecture through the CLI."""
 
@@ -13,11 +13,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from dlpipe.builtin.superres import ESPCNParams, SRGANParams  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import espcn, srgan  # noqa: E402
 from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.espcn import model as espcn  # noqa: E402
 from dlpipe.models.image_quality import PSNR_CAP, psnr, ssim  # noqa: E402
+from dlpipe.models.srgan import ESPCNParams, SRGANParams  # noqa: E402
+from dlpipe.models.srgan import model as srgan  # noqa: E402
 
 TINY_ESPCN = {"scale": 2, "filters": [8, 4], "kernel_sizes": [3, 3], "sample_every": 0}
 TINY_SRGAN = {

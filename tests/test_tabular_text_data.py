@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from dlpipe.builtin.data import CsvParams, TextDirectoryParams
-from dlpipe.builtin.sequence import TokenizerParams
+from dlpipe.datasets import sequences as sd
 from dlpipe.errors import DlpipeError
-from dlpipe.stages import data as data_stages
-from dlpipe.stages import sequence_data as sd
+from dlpipe.stages.data import CsvParams, TextDirectoryParams
+from dlpipe.stages.data import loaders as data_stages
+from dlpipe.stages.sequences import TokenizerParams
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dlpipe import paths
-from dlpipe.builtin import tracking
+from dlpipe import paths, tracking
 from dlpipe.cli import main
 
 SPEC = """\

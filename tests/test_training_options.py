@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from dlpipe.builtin.training import KerasFitParams, LossParams, OptimizerParams
 from dlpipe.data import DataBundle
 from dlpipe.engine import run_pipeline
 from dlpipe.errors import DlpipeError
 from dlpipe.spec import SpecError, apply_overrides, load_yaml, validate
+from dlpipe.stages.train import KerasFitParams, LossParams, OptimizerParams
 
 # ------------------------------------------------------------------------ helpers
 
@@ -130,7 +130,7 @@ def lr_at(schedule, step):
     ],
 )
 def test_schedule_learning_rate_at_chosen_steps(schedule, expected):
-    from dlpipe.stages.train import learning_rate
+    from dlpipe.stages.train.fit import learning_rate
 
     opt = OptimizerParams(learning_rate=0.1, schedule=schedule)
     lr = learning_rate(opt, steps_per_epoch=10, epochs=10)
@@ -317,7 +317,7 @@ def rule(layers, l1=0.0, l2=0.0):
 def test_regularization_adds_to_the_loss_and_scales_with_the_factor(tmp_path):
     import keras
 
-    from dlpipe.stages.train import apply_regularization
+    from dlpipe.stages.train.fit import apply_regularization
 
     rng = np.random.default_rng(0)
     x, y = rng.random((16, 6, 6, 1)).astype("float32"), rng.integers(0, 2, 16)
@@ -443,7 +443,7 @@ def labelled_bundle(counts, weights=None):
 
 
 def test_class_weight_balanced_and_by_name():
-    from dlpipe.stages.train import balanced_training_data
+    from dlpipe.stages.train.fit import balanced_training_data
 
     data = labelled_bundle([6, 3, 1])
     out = balanced_training_data(data, fit_params(class_weight="balanced"), seed=0)
@@ -462,7 +462,7 @@ def test_class_weight_balanced_and_by_name():
 
 
 def test_oversampling_balances_counts_with_a_seed():
-    from dlpipe.stages.train import balanced_training_data, oversample_indices
+    from dlpipe.stages.train.fit import balanced_training_data, oversample_indices
 
     labels = np.array([0] * 30 + [1] * 5 + [2] * 10)
     index = oversample_indices(labels, seed=3)
@@ -484,7 +484,7 @@ def test_oversampling_balances_counts_with_a_seed():
 def test_gradient_clipping_is_configured_and_clips():
     import keras
 
-    from dlpipe.stages.train import make_optimizer
+    from dlpipe.stages.train.fit import make_optimizer
 
     def step(**clip):
         opt = make_optimizer(OptimizerParams(name="sgd", learning_rate=1.0, **clip), 1, 1)

@@ -1,4 +1,4 @@
-"""The VAE model code (dlpipe.models.vae), on tiny synthetic images, CPU only."""
+"""The VAE model code (dlpipe.models.vae.model), on tiny synthetic images, CPU only."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dlpipe.builtin.vae import VAEParams  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import vae  # noqa: E402
 from dlpipe.models.common import make_term_weights, replica_scaled, set_term_weights  # noqa: E402
+from dlpipe.models.vae import VAEParams  # noqa: E402
+from dlpipe.models.vae import model as vae  # noqa: E402
 
 DENSE = VAEParams(hidden=[16, 8], latent_dim=2)
 CONV = VAEParams(encoder="conv", hidden=[8, 16], latent_dim=2)

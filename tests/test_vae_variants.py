@@ -1,4 +1,4 @@
-"""VAE variants (dlpipe.models.vae, dlpipe.models.cvae): the reparameterization
+"""VAE variants (dlpipe.models.vae.model, dlpipe.models.cvae.model): the reparameterization
 gradient, KL warm-up, latent traversals, sampling by class, saving, and a short
 conditional-VAE pipeline run through the CLI. Tiny synthetic data, CPU only."""
 
@@ -14,10 +14,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from dlpipe.builtin.vae import CVAEParams, VAEParams  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models import cvae, vae  # noqa: E402
 from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.cvae import model as cvae  # noqa: E402
+from dlpipe.models.vae import CVAEParams, VAEParams  # noqa: E402
+from dlpipe.models.vae import model as vae  # noqa: E402
 
 TINY = {"hidden": [16, 8], "latent_dim": 3}
 

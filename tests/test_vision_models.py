@@ -1,4 +1,4 @@
-"""The supervised-vision classifiers (dlpipe.builtin.vision) and the classifier_report stage.
+"""The supervised-vision classifiers (dlpipe.models.mlp) and the classifier_report stage.
 
 Parameter counts are checked against the published numbers (build only, no training);
 the end-to-end test trains LeNet-5 for two epochs through the CLI.
@@ -135,7 +135,7 @@ def tiny_inception():
 
 def test_inception_aux_loss_weights_are_named_and_change_the_loss():
     from dlpipe.models.common import set_term_weights
-    from dlpipe.models.inception import crossentropy
+    from dlpipe.models.inception.model import crossentropy
 
     model = tiny_inception()
     assert set(model.term_weights) == set(MODELS["inception"].loss_terms) == {"main", "aux1", "aux2"}
@@ -257,8 +257,8 @@ def trained_mlp(data, epochs):
 
 
 def run_report(ctx, **params):
-    from dlpipe.builtin.vision import ClassifierReportParams
-    from dlpipe.stages.classifier_report import classifier_report
+    from dlpipe.models.mlp import ClassifierReportParams
+    from dlpipe.stages.reports.classifier import classifier_report
 
     classifier_report(ctx, ClassifierReportParams(**params))
 
@@ -289,7 +289,7 @@ def test_classifier_report_on_digits(tmp_path):
 
 
 def test_misclassified_grid_shows_the_most_confident_mistakes_first():
-    from dlpipe.stages.classifier_report import misclassified_figure
+    from dlpipe.stages.reports.classifier import misclassified_figure
 
     y = np.array([0, 1, 2, 0, 1, 2])
     probs = np.array([
@@ -306,7 +306,7 @@ def test_misclassified_grid_shows_the_most_confident_mistakes_first():
 
 
 def test_class_probabilities_accepts_logits_and_sigmoids():
-    from dlpipe.stages.classifier_report import class_probabilities
+    from dlpipe.stages.reports.classifier import class_probabilities
 
     logits = np.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
     p = class_probabilities(logits)
@@ -382,7 +382,7 @@ def test_lenet_pipeline_end_to_end(workdir, repo, capsys):
     assert model.count_params() == 61_706
     from sklearn.datasets import load_digits
 
-    from dlpipe.stages.data import resize_images
+    from dlpipe.stages.data.loaders import resize_images
 
     digits = load_digits()
     x = resize_images(digits.images[:300, :, :, None].astype("float32"), (32, 32))

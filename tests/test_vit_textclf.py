@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from dlpipe.stages import sequence_data as sd
-from dlpipe.stages.seq_report import accuracy_by_bucket, bucket_metrics, length_buckets
+from dlpipe.datasets import sequences as sd
+from dlpipe.stages.reports.seq2seq import accuracy_by_bucket, bucket_metrics, length_buckets
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def build(host, name, data, **params):
     [((16, 16, 1), 4, 1 + 16), ((32, 32, 3), 8, 1 + 16), ((8, 12, 1), 2, 1 + 24)],
 )
 def test_vit_patch_count_sequence_length_and_shapes(host, shape, patch, tokens):
-    from dlpipe.models import vit
+    from dlpipe.models.vit import model as vit
     from dlpipe.testing import synthetic_bundle
 
     assert vit.sequence_length(shape, patch) == tokens
@@ -190,7 +190,7 @@ def test_arith_check_labels_are_correct_and_balanced():
 def test_arith_check_stage_splits_tokenizes_and_logs_the_vocabulary(tmp_path):
     from types import SimpleNamespace
 
-    from dlpipe.builtin.sequence import ArithCheckParams
+    from dlpipe.stages.sequences import ArithCheckParams
 
     logged = []
     ctx = SimpleNamespace(data=None, extras={}, run_dir=tmp_path, seed=0,
@@ -241,7 +241,7 @@ def test_length_buckets_and_bucket_accuracy_on_a_hand_made_example():
 
 
 def test_filler_words_lengthen_dates_without_changing_targets():
-    from dlpipe.builtin.sequence import DatesParams
+    from dlpipe.stages.sequences import DatesParams
 
     assert DatesParams().filler_words == 0  # the default data is unchanged
     pairs = sd.date_pairs(400, seed=0)
@@ -287,11 +287,11 @@ def _finished_run(experiment):
 def _reloaded(client, run, workdir):
     import keras
 
-    from dlpipe.stages.train import WarmUp
+    from dlpipe.stages.train.fit import WarmUp
 
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(workdir))
     # The warm-up schedule in the saved optimizer is not registered with Keras
-    # (dlpipe.stages.train.WarmUp), so it is passed here to reload the compiled model.
+    # (dlpipe.stages.train.fit.WarmUp), so it is passed here to reload the compiled model.
     return keras.saving.load_model(local, custom_objects={"WarmUp": WarmUp})
 
 
@@ -338,7 +338,7 @@ def test_vit_pipeline_logs_accuracy_attention_and_a_loadable_model(workdir, repo
     assert {"plots/cls_attention.png", "plots/confusion_matrix.png",
             "plots/misclassified.png"} <= plots
 
-    from dlpipe.models.vit import ViTBlock
+    from dlpipe.models.vit.model import ViTBlock
 
     model = _reloaded(client, run, workdir)
     assert any(isinstance(layer, ViTBlock) for layer in model.layers)

@@ -1,1 +1,1 @@
-"""Model code behind the built-in architecture plugins (imported lazily, on first use)."""
+"""Built-in architectures, one package each, and the modules families share."""

@@ -16,7 +16,7 @@ methods every such model has: ``encode(src)`` returns the encoder's memory and
 ``dec``. Decoders are causal, so the output at position ``t`` depends only on
 ``dec[:, :t+1]``; decoding fills ``dec`` one position at a time.
 
-Token ids follow :mod:`dlpipe.stages.sequence_data`: 0 padding, 1 start, 2 end.
+Token ids follow :mod:`dlpipe.datasets.sequences`: 0 padding, 1 start, 2 end.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def sequence_scores(predicted: np.ndarray, target: np.ndarray) -> tuple[float, f
 
 
 class EncoderDecoder(keras.Model):
-    """Base class of :class:`~dlpipe.models.seq2seq.Seq2Seq` and
-    :class:`~dlpipe.models.transformer.Transformer` (see the module docstring).
+    """Base class of :class:`~dlpipe.models.seq2seq.model.Seq2Seq` and
+    :class:`~dlpipe.models.transformer.model.Transformer` (see the module docstring).
 
     Subclasses implement ``encode`` and ``decode``. ``compile`` defaults the loss to
     ``sparse_categorical_crossentropy`` (the model outputs probabilities) and always

@@ -1,0 +1,1 @@
+"""alexnet: registered by its family module until the split commit."""

@@ -1,0 +1,1 @@
+"""autoencoder: registered by its family module until the split commit."""

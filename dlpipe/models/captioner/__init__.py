@@ -1,0 +1,1 @@
+"""captioner: registered by its family module until the split commit."""

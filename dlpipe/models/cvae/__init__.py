@@ -1,0 +1,1 @@
+"""cvae: registered by its family module until the split commit."""

@@ -1,0 +1,137 @@
+"""Diffusion architecture plugins: ``ddpm`` (pixel space) and ``latent_diffusion``.
+
+The code lives in :mod:`dlpipe.models.ddpm.model` and
+:mod:`dlpipe.models.latent_diffusion.model`; this module only declares parameters and
+registers ``"module:function"`` strings, so it imports neither Keras nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from dlpipe import hookimpl
+from dlpipe.params import Params
+
+
+class DiffusionCommonParams(Params):
+    """The noise schedule, conditioning, EMA and sampler settings both architectures share."""
+
+    timesteps: int = Field(1000, ge=2, le=10000, description="Length T of the diffusion chain.")
+    schedule: Literal["linear", "cosine"] = Field(
+        "cosine", description="Noise schedule: linear betas (DDPM) or cosine alpha_bar."
+    )
+    conditional: bool | None = Field(
+        None,
+        description="Condition on class labels (classifier-free guidance); null: when the "
+        "data has labels.",
+    )
+    cond_drop: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Probability of training on the null label (CFG)."
+    )
+    guidance_scale: float = Field(
+        2.0,
+        ge=0.0,
+        description="CFG at sampling: eps_u + s * (eps_c - eps_u); 0 unconditional, 1 "
+        "plain conditional.",
+    )
+    ema_decay: float = Field(
+        0.999, ge=0.0, lt=1.0, description="Decay of the weights' moving average used to sample."
+    )
+    sampler: Literal["ddpm", "ddim"] = Field(
+        "ddim", description="ddpm: ancestral, all T steps; ddim: sample_steps steps."
+    )
+    sample_steps: int = Field(50, ge=2, description="DDIM: number of denoising steps.")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 deterministic, 1 DDPM-like.")
+    sample_every: int = Field(
+        5, ge=0, description="Log a sample grid every N epochs (0: only at the end)."
+    )
+    emb_dim: int | None = Field(
+        None, ge=2, description="Size of the time/label embedding. Default: 4 * first width."
+    )
+
+
+class DDPMParams(DiffusionCommonParams):
+    """DDPM/DDIM on images with a small U-Net noise predictor."""
+
+    widths: list[int] = Field(
+        default_factory=lambda: [32, 64],
+        description="U-Net channels per resolution level (each further level halves "
+        "height and width).",
+    )
+    blocks_per_level: int = Field(1, ge=1, le=4, description="Residual blocks per level.")
+
+
+class SourceModel(Params):
+    """Where latent diffusion gets its (trained) autoencoder or VAE: exactly one of
+    ``stage``, ``run_id`` or ``uri``."""
+
+    stage: str | None = Field(
+        None, description="An earlier model stage of this pipeline (its name/id)."
+    )
+    run_id: str | None = Field(
+        None, description="An MLflow run whose artifact `artifact_path` is the model."
+    )
+    uri: str | None = Field(
+        None,
+        description="A model URI (models:/NAME/VERSION, runs:/ID/model/model.keras) or a "
+        "local .keras file.",
+    )
+    artifact_path: str = Field(
+        "model/model.keras", description="run_id: the artifact holding the saved model."
+    )
+    tracking_uri: str | None = Field(
+        None, description="run_id/uri: MLflow tracking URI. Default: the spec's tracking.uri."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceModel:
+        given = [k for k in ("stage", "run_id", "uri") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of stage, run_id, uri (got {given or 'none'})")
+        return self
+
+
+class LatentDiffusionParams(DiffusionCommonParams):
+    """Diffusion over the latent vectors of a trained autoencoder or VAE (frozen)."""
+
+    autoencoder: SourceModel | None = Field(
+        None,
+        description="The autoencoder/VAE: {stage: NAME} | {run_id: ID} | {uri: URI}. "
+        "null: the latest earlier model stage that has an encoder and a decoder.",
+    )
+    width: int = Field(256, ge=4, description="Width of the MLP denoiser.")
+    depth: int = Field(3, ge=1, le=16, description="Residual blocks of the MLP denoiser.")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="Noise schedule: linear betas (DDPM) or cosine alpha_bar."
+    )
+
+
+_TINY_SAMPLING = {"timesteps": 20, "sample_steps": 4, "sample_every": 0}
+
+
+@hookimpl
+def register_models(register):
+    register(
+        "ddpm",
+        build="dlpipe.models.ddpm.model:build",
+        params=DDPMParams,
+        description="Denoising diffusion (U-Net, linear/cosine schedule, EMA, CFG; DDPM/DDIM).",
+        task="generative",
+        loss_terms=("noise",),
+        plots="dlpipe.models.ddpm.model:plots",
+        callbacks="dlpipe.models.ddpm.model:callbacks",
+        example_params={**_TINY_SAMPLING, "widths": [8]},
+    )
+    register(
+        "latent_diffusion",
+        build="dlpipe.models.latent_diffusion.model:build",
+        params=LatentDiffusionParams,
+        description="Diffusion in a trained autoencoder's/VAE's latent space (MLP denoiser).",
+        task="generative",
+        loss_terms=("noise",),
+        plots="dlpipe.models.ddpm.model:plots",
+        callbacks="dlpipe.models.ddpm.model:callbacks",
+        example_params={**_TINY_SAMPLING, "width": 16, "depth": 1},
+    )

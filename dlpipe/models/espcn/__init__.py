@@ -1,0 +1,1 @@
+"""espcn: registered by its family module until the split commit."""

@@ -1,0 +1,150 @@
+"""Generative architecture plugins: autoencoder, GAN, conditional GAN and WGAN-GP.
+
+The code lives in :mod:`dlpipe.models.autoencoder.model`, :mod:`dlpipe.models.gan.model` and
+:mod:`dlpipe.models.wgan_gp.model`; this module only declares parameters and registers
+``"module:function"`` strings, so it imports neither Keras nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dlpipe import hookimpl
+from dlpipe.params import Params
+
+Activation = Literal["auto", "tanh", "sigmoid", "linear"]
+
+
+class AutoencoderParams(Params):
+    """Encoder and decoder, dense or convolutional; denoising with ``noise_std > 0``."""
+
+    encoder: Literal["dense", "conv"] = Field("dense", description="Network family.")
+    latent_dim: int = Field(16, ge=1, description="Size of the code; > 2 is shown via PCA.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [128, 64],
+        description="Dense widths (dense) or conv filters per stride-2 block (conv).",
+    )
+    activation: str = Field("relu", description="Hidden activation.")
+    reconstruction: Literal["mse", "bce"] = Field(
+        "mse", description="Reconstruction loss, summed over values; bce needs [0, 1] data."
+    )
+    noise_std: float = Field(
+        0.0, ge=0.0, description="Denoising: std of Gaussian noise added to inputs in training."
+    )
+    output_activation: Activation = Field(
+        "auto", description="auto: sigmoid for [0, 1] data, tanh for [-1, 1], else linear."
+    )
+
+
+class AdversarialParams(Params):
+    """What every GAN here shares: the networks and the discriminator's optimizer."""
+
+    architecture: Literal["conv", "dense"] = Field(
+        "conv", description="conv: DCGAN-style (images only); dense: MLPs."
+    )
+    latent_dim: int = Field(64, ge=1, description="Size of the generator's noise vector.")
+    filters: list[int] = Field(
+        default_factory=lambda: [128, 64],
+        description="conv: filters per stride-2 block, coarse to fine (image sides must "
+        "divide by 2**len); dense: hidden widths.",
+    )
+    batchnorm: bool = Field(True, description="Batch normalization in the generator.")
+    output_activation: Activation = Field(
+        "auto", description="auto: tanh for [-1, 1] data, sigmoid for [0, 1], else linear."
+    )
+    d_learning_rate: float | None = Field(
+        None, gt=0, description="Discriminator/critic learning rate; null: train.optimizer's."
+    )
+    adam_betas: tuple[float, float] | None = Field(
+        (0.5, 0.999),
+        description="Adam's (beta_1, beta_2) for both optimizers (GANs want beta_1 = 0.5); "
+        "null keeps train.optimizer's. Ignored for non-Adam optimizers.",
+    )
+    sample_every: int = Field(
+        5, ge=0, description="Log a fixed-noise sample grid every N epochs (0: only at the end)."
+    )
+
+
+class GANBaseParams(AdversarialParams):
+    dropout: float = Field(
+        0.3, ge=0.0, lt=1.0, description="Dropout before the discriminator's logit."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="One-sided: real targets become 1 - label_smoothing."
+    )
+    label_noise: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Probability of flipping each discriminator target."
+    )
+
+
+class GANParams(GANBaseParams):
+    """A DCGAN-style GAN; ``conditional: true`` makes it a conditional GAN."""
+
+    conditional: bool = Field(False, description="Condition both networks on the class label.")
+
+
+class CGANParams(GANBaseParams):
+    """A conditional GAN: generator and discriminator take the class label."""
+
+
+class WGANGPParams(AdversarialParams):
+    """WGAN-GP; the penalty weight is the loss term ``gp`` (train.loss_weights.gp, default 10)."""
+
+    critic_steps: int = Field(5, ge=1, le=20, description="Critic updates per generator update.")
+    adam_betas: tuple[float, float] | None = Field(
+        (0.5, 0.9),
+        description="Adam's (beta_1, beta_2) for both optimizers (0.5, 0.9 as in keras-io's "
+        "WGAN-GP); null keeps train.optimizer's. Ignored for non-Adam optimizers.",
+    )
+
+
+_TINY = {"latent_dim": 8, "filters": [8, 4], "sample_every": 0}
+
+
+@hookimpl
+def register_models(register):
+    register(
+        "autoencoder",
+        build="dlpipe.models.autoencoder.model:build",
+        params=AutoencoderParams,
+        description="Autoencoder, dense or conv, optionally denoising.",
+        task="generative",
+        loss_terms=("reconstruction",),
+        plots="dlpipe.models.autoencoder.model:plots",
+        example_params={"hidden": [16, 8], "latent_dim": 4, "noise_std": 0.1},
+    )
+    register(
+        "gan",
+        build="dlpipe.models.gan.model:build",
+        params=GANParams,
+        description="DCGAN-style GAN (two optimizers, label smoothing/noise; conditional option).",
+        task="generative",
+        loss_terms=("discriminator", "generator"),
+        plots="dlpipe.models.gan.model:plots",
+        callbacks="dlpipe.models.gan.model:callbacks",
+        example_params={**_TINY, "label_smoothing": 0.1, "label_noise": 0.05},
+    )
+    register(
+        "cgan",
+        build="dlpipe.models.gan.model:build_conditional",
+        params=CGANParams,
+        description="Conditional GAN: class-controlled samples.",
+        task="generative",
+        loss_terms=("discriminator", "generator"),
+        plots="dlpipe.models.gan.model:plots",
+        callbacks="dlpipe.models.gan.model:callbacks",
+        example_params=dict(_TINY),
+    )
+    register(
+        "wgan_gp",
+        build="dlpipe.models.wgan_gp.model:build",
+        params=WGANGPParams,
+        description="Wasserstein GAN with gradient penalty (loss term gp).",
+        task="generative",
+        loss_terms=("gp",),
+        plots="dlpipe.models.wgan_gp.model:plots",
+        callbacks="dlpipe.models.wgan_gp.model:callbacks",
+        example_params={**_TINY, "critic_steps": 2},
+    )

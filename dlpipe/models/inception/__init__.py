@@ -1,0 +1,1 @@
+"""inception: registered by its family module until the split commit."""

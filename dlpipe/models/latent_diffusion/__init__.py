@@ -1,0 +1,1 @@
+"""latent_diffusion: registered by its family module until the split commit."""

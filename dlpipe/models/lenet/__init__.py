@@ -1,0 +1,1 @@
+"""lenet: registered by its family module until the split commit."""

@@ -1,0 +1,1 @@
+"""mobilenet: registered by its family module until the split commit."""

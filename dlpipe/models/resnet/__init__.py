@@ -1,0 +1,1 @@
+"""resnet: registered by its family module until the split commit."""

@@ -1,0 +1,1 @@
+"""seq2seq: registered by its family module until the split commit."""

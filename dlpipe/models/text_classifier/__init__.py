@@ -1,0 +1,1 @@
+"""text_classifier: registered by its family module until the split commit."""

@@ -1,0 +1,1 @@
+"""transformer: registered by its family module until the split commit."""

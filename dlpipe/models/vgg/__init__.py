@@ -1,0 +1,1 @@
+"""vgg: registered by its family module until the split commit."""

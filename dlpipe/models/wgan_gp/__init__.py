@@ -1,0 +1,1 @@
+"""wgan_gp: registered by its family module until the split commit."""
