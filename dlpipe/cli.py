@@ -257,7 +257,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     spec, host = _load(args)
     if args.no_track:
-        spec.model.tracking.enabled = False
+        spec.settings.tracking.enabled = False
     import signal
 
     from dlpipe.engine import run_pipeline
@@ -273,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     from dlpipe.runs import run_summary, store_uri
 
-    tracking = spec.model.tracking
+    tracking = spec.settings.tracking
     print(f"dlpipe: done; outputs in {ctx.run_dir}")
     for line in run_summary(ctx, store_uri(tracking.uri) if tracking.enabled else None):
         print(line)

@@ -65,7 +65,7 @@ class RunContext:
 
     @property
     def seed(self) -> int:
-        return self.spec.model.seed
+        return self.spec.settings.seed
 
     def model_entry(self) -> Any:
         """The registry entry of the architecture of :attr:`model`: the last model stage

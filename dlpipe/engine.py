@@ -158,14 +158,14 @@ def _run_locked(
     ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir, smoke=smoke,
                      restart=restart, resume_older=resume_older)
     if smoke:
-        ctx.run_name = f"{spec.model.tracking.run_name or spec.name}-smoke"
+        ctx.run_name = f"{spec.settings.tracking.run_name or spec.name}-smoke"
         ctx.tags["dlpipe.smoke"] = "true"
     first = driver_index(spec, plugins) or 0
     # before_run comes first, before TensorFlow is even imported: tracking starts its
     # work in parallel with the import, and a failing strategy is recorded like any error.
     ctx.hook.before_run(context=ctx)
     try:
-        configure_backend(spec.model.seed, spec.model.precision)
+        configure_backend(spec.settings.seed, spec.settings.precision)
         ctx.strategy = create_strategy(spec, plugins)
         for stage in spec.stages[first:]:
             run_stage(ctx, stage)

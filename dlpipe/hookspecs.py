@@ -126,7 +126,7 @@ class ModelRegistrar(Protocol):
         params: type[Params] | None = None,
         description: str = "",
         task: str = "generic",
-        loss_terms: Sequence[str] = (),
+        loss_weights: Sequence[str] = (),
         plots: ModelPlots | str | None = None,
         example_params: Mapping[str, Any] | None = None,
         callbacks: ModelCallbacks | str | None = None,
@@ -144,9 +144,9 @@ class ModelRegistrar(Protocol):
         :param task: ``classification``, ``regression``, ``generative``, ... The
             evaluate stage uses it to pick generic plots (a confusion matrix for
             ``classification``) and the default loss.
-        :param loss_terms: names of the model's own loss terms. A train stage's
+        :param loss_weights: names of the model's own loss terms. A train stage's
             ``loss_weights`` may only name these; the model reads the weights from
-            its ``term_weights`` mapping.
+            its ``loss_weights`` mapping.
         :param plots: ``plots(context, model, data)`` yielding ``(filename, figure)``
             pairs, logged as artifacts by the evaluate stage.
         :param example_params: small settings the conformance test builds the model

@@ -89,6 +89,23 @@ class StageEntry:
     def function(self) -> Callable[..., Any]:
         return resolve_ref(self.run, f"stage {self.kind}/{self.name}")
 
+    # What the stage is for, read from its registration rather than its kind's name,
+    # so a plugin's own kinds behave like the built-ins.
+    @property
+    def builds_model(self) -> bool:
+        """It provides a model (the ``model`` stage; a plugin's own model-making kind)."""
+        return "model" in self.provides and "model" not in self.needs
+
+    @property
+    def prepares_data(self) -> bool:
+        """It provides the data later stages read (a data source, a tokenizer)."""
+        return "data" in self.provides
+
+    @property
+    def drives_previous(self) -> bool:
+        """It runs the stages before it itself (the tune stage): ``runs_previous``."""
+        return self.runs_previous
+
 
 @dataclass
 class ModelEntry:
@@ -98,7 +115,7 @@ class ModelEntry:
     description: str
     plugin: str
     task: str = "generic"
-    loss_terms: tuple[str, ...] = ()
+    loss_weights: tuple[str, ...] = ()
     plots: Callable[..., Any] | str | None = None
     example_params: Mapping[str, Any] | None = None
     callbacks: Callable[..., Any] | str | None = None
@@ -181,7 +198,7 @@ class Registry:
             params: type[Params] | None = None,
             description: str = "",
             task: str = "generic",
-            loss_terms: Sequence[str] = (),
+            loss_weights: Sequence[str] = (),
             plots: Any = None,
             example_params: Mapping[str, Any] | None = None,
             callbacks: Any = None,
@@ -196,14 +213,14 @@ class Registry:
             if example_data is not None:
                 _check_callable(plugin, f"example_data of model {name}", example_data)
             params = _check_params(plugin, f"model {name}", params)
-            if isinstance(loss_terms, str) or not all(isinstance(t, str) for t in loss_terms):
+            if isinstance(loss_weights, str) or not all(isinstance(t, str) for t in loss_weights):
                 raise PluginError(
-                    f"plugin {plugin!r}: loss_terms of model {name!r} must be a list of names"
+                    f"plugin {plugin!r}: loss_weights of model {name!r} must be a list of names"
                 )
             if name in self.models:
                 _duplicate(f"model '{name}'", self.models[name].plugin, plugin)
             self.models[name] = ModelEntry(
-                name, build, params, description, plugin, task, tuple(loss_terms), plots,
+                name, build, params, description, plugin, task, tuple(loss_weights), plots,
                 example_params, callbacks, example_data,
             )
 

@@ -232,7 +232,7 @@ def read_spec_test_split(path: Path, expected: Expected,
             data_stages.append(stage)
     if not data_stages:
         raise DlpipeError(f"{path}: has no data stage before its model to take inputs from")
-    configure_backend(spec.model.seed, spec.model.precision)
+    configure_backend(spec.settings.seed, spec.settings.precision)
     with tempfile.TemporaryDirectory(prefix="dlpipe-predict-") as run_dir:
         ctx = RunContext(spec=spec, plugins=host, run_dir=Path(run_dir))
         for stage in data_stages:

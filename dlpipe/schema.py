@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from dlpipe.plugins import Registry
-from dlpipe.spec import SpecModel, StageSpec, StrategySpec
+from dlpipe.spec import SpecSettings, StageSpec, StrategySpec
 
 #: Text that pydantic's lax mode reads as an integer: ``"32"``, ``" -3 "``, ``"1_000"``,
 #: ``"3.00"``.
@@ -72,7 +72,7 @@ def spec_json_schema(registry: Registry) -> dict[str, Any]:
 
     # One call for every model, so that pydantic gives clashing class names distinct $defs.
     models: list[type[BaseModel]] = [
-        SpecModel, StageSpec, *stage_params.values(), *strategy_params.values()
+        SpecSettings, StageSpec, *stage_params.values(), *strategy_params.values()
     ]
     unique = list(dict.fromkeys(models))
     refs, top = models_json_schema(
@@ -83,7 +83,7 @@ def spec_json_schema(registry: Registry) -> dict[str, Any]:
     def ref(model: type[BaseModel]) -> dict[str, Any]:
         return dict(refs[(model, "validation")])
 
-    schema = defs.pop(ref(SpecModel)["$ref"].split("/")[-1])
+    schema = defs.pop(ref(SpecSettings)["$ref"].split("/")[-1])
     stage = defs.pop(ref(StageSpec)["$ref"].split("/")[-1])
     defs.pop(StrategySpec.__name__, None)
     schema["properties"]["stages"] = {

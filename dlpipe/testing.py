@@ -89,13 +89,13 @@ def check_architecture(
     build = entry.builder()
     model = build(params, data, None) if wants_context(build) else build(params, data)
     assert isinstance(model, keras.Model), f"{entry.name}: build must return a keras.Model"
-    own_loss = bool(getattr(model, "term_weights", None))
+    own_loss = bool(getattr(model, "loss_weights", None))
     loss, metrics = (None, []) if own_loss else default_loss(entry.task)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=metrics or None)
     if own_loss:
-        assert set(model.term_weights) == set(entry.loss_terms), (
-            f"{entry.name}: term_weights {sorted(model.term_weights)} do not match the "
-            f"registered loss_terms {sorted(entry.loss_terms)}"
+        assert set(model.loss_weights) == set(entry.loss_weights), (
+            f"{entry.name}: loss_weights {sorted(model.loss_weights)} do not match the "
+            f"registered loss_weights {sorted(entry.loss_weights)}"
         )
     history = model.fit(
         data.dataset("train", batch_size), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False

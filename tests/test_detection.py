@@ -272,13 +272,13 @@ def test_yolo_loss_is_zero_for_a_perfect_prediction_and_each_term_sees_its_error
 def test_loss_terms_are_named_and_their_weights_change_the_loss():
     import keras
 
-    from dlpipe.models.common import set_term_weights
+    from dlpipe.models.common import set_loss_weights
     from dlpipe.models.yolo.model import LOSS_TERMS
 
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    assert tuple(model.term_weights) == LOSS_TERMS == ("coord", "obj", "noobj", "class")
-    defaults = {k: float(as_np(v)) for k, v in model.term_weights.items()}
+    assert tuple(model.loss_weights) == LOSS_TERMS == ("coord", "obj", "noobj", "class")
+    defaults = {k: float(as_np(v)) for k, v in model.loss_weights.items()}
     assert defaults == {"coord": 5.0, "obj": 1.0, "noobj": 0.5, "class": 1.0}
     data = tiny_bundle()
     x, y = data.x["train"][:8], data.y["train"][:8]
@@ -290,14 +290,14 @@ def test_loss_terms_are_named_and_their_weights_change_the_loss():
         return float(as_np(model.compute_loss(x, y, y_pred)))
 
     assert loss() == pytest.approx(sum(defaults[k] * terms[k] for k in terms), rel=1e-5)
-    set_term_weights(model, {"coord": 10.0, "noobj": 0.0})  # what train.loss_weights does
+    set_loss_weights(model, {"coord": 10.0, "noobj": 0.0})  # what train.loss_weights does
     expected = 10 * terms["coord"] + terms["obj"] + terms["class"]
     assert loss() == pytest.approx(expected, rel=1e-5)
     # each term is reported (unweighted) as <term>_loss
     reported = {m.name: float(as_np(m.result())) for m in model.metrics if m.name != "loss"}
     assert reported == pytest.approx({f"{k}_loss": v for k, v in terms.items()}, rel=1e-5)
     with pytest.raises(ValueError, match="no loss term"):
-        set_term_weights(model, {"kl": 1.0})
+        set_loss_weights(model, {"kl": 1.0})
 
 
 def test_yolo_output_layout_detect_and_save_reload(tmp_path):
@@ -433,6 +433,6 @@ def test_yolo_pipeline_logs_map_boxes_and_a_loadable_model(workdir, repo, capsys
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(workdir))
     model = keras.saving.load_model(local)
     assert isinstance(model, YOLODetector) and model.grid == 4
-    assert float(as_np(model.term_weights["coord"])) == 7.0
+    assert float(as_np(model.loss_weights["coord"])) == 7.0
     x = np.random.default_rng(0).random((3, 32, 32, 3)).astype("float32")
     assert len(model.detect(x)) == 3

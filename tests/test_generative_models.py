@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.autoencoder import model as autoencoder  # noqa: E402
-from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.common import set_loss_weights  # noqa: E402
 from dlpipe.models.gan import (  # noqa: E402
     AutoencoderParams,
     CGANParams,
@@ -101,16 +101,16 @@ def test_gradient_penalty_is_taken_at_the_interpolation():
 def test_gp_weight_set_by_name_scales_the_penalty_in_the_critic_loss():
     data = make_data()
     model = compiled(wgan_gp.build, WGANGPParams(**TINY, critic_steps=1), data)
-    assert set(model.term_weights) == {"gp"}
-    assert float(as_np(model.term_weights["gp"])) == 10.0  # the paper's default
+    assert set(model.loss_weights) == {"gp"}
+    assert float(as_np(model.loss_weights["gp"])) == 10.0  # the paper's default
     real = data.x["train"][:8]
     for weight in (0.0, 2.5):
-        set_term_weights(model, {"gp": weight})  # what train.loss_weights.gp does
+        set_loss_weights(model, {"gp": weight})  # what train.loss_weights.gp does
         d_loss, wasserstein, gp = (float(as_np(v)) for v in model.critic_loss(real))
         assert gp > 0
         assert d_loss == pytest.approx(-wasserstein + weight * gp, rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="no loss term"):
-        set_term_weights(model, {"kl": 1.0})
+        set_loss_weights(model, {"kl": 1.0})
 
 
 def test_wgan_takes_critic_steps_per_generator_step():
@@ -296,7 +296,7 @@ def test_autoencoder_loss_is_the_weighted_reconstruction_error():
     expected = np.mean(np.sum((model.predict(x, verbose=0) - x) ** 2, axis=(1, 2, 3)))
     result = model.evaluate(x, batch_size=16, verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
-    set_term_weights(model, {"reconstruction": 0.5})
+    set_loss_weights(model, {"reconstruction": 0.5})
     result = model.evaluate(x, batch_size=16, verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(0.5 * expected, rel=1e-5)
     with pytest.raises(ValueError, match="bce"):
@@ -364,6 +364,6 @@ def test_gan_pipeline_logs_losses_sample_grids_and_a_loadable_model(workdir, rep
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(workdir))
     model = keras.saving.load_model(local)
     assert isinstance(model, gan.GAN) and model.conditional
-    assert float(as_np(model.term_weights["generator"])) == 0.5
+    assert float(as_np(model.loss_weights["generator"])) == 0.5
     images = as_np(model.generate(model.fixed_latent(10), np.arange(10)))
     assert images.shape == (10, 16, 16, 1) and images.min() >= -1.0 and images.max() <= 1.0

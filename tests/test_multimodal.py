@@ -189,7 +189,7 @@ def test_clip_embeddings_are_normalized_and_reload_unchanged(tiny_data, tmp_path
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, rtol=1e-5)
     assert float(as_np(model.logit_scale())) == pytest.approx(5.0, rel=1e-5)  # 1 / 0.2
     assert not model.log_scale.trainable
-    assert set(model.term_weights) == {"image_to_text", "text_to_image"}
+    assert set(model.loss_weights) == {"image_to_text", "text_to_image"}
     path = tmp_path / "clip.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -271,7 +271,7 @@ def test_clip_and_captioning_pipelines_log_metrics_artifacts_and_reloadable_mode
     model = keras.saving.load_model(
         client.download_artifacts(rid, "model/model.keras", str(workdir)))
     assert isinstance(model, clip.CLIP)
-    assert float(as_np(model.term_weights["text_to_image"])) == 0.5
+    assert float(as_np(model.loss_weights["text_to_image"])) == 0.5
     assert as_np(model.encode_images(np.zeros((2, 16, 16, 1), "float32"))).shape == (2, 16)
     client.delete_run(rid)
 

@@ -289,7 +289,7 @@ def test_register_is_validated(host):
     assert "needs log_model" in str(check("{register: {name: a}, log_model: false}"))
     ok = validate(load_yaml("name: t\ntracking: {register: {name: a.b-c, alias: champion}}\n"
                             "stages:\n  - {kind: data, use: xor}\n", "t.yaml"), host.registry)
-    assert ok.model.tracking.registration.name == "a.b-c"
+    assert ok.settings.tracking.registration.name == "a.b-c"
     assert ok.resolved_dict()["tracking"]["register"] == {"name": "a.b-c", "alias": "champion"}
 
 

@@ -158,7 +158,7 @@ def test_overrides_by_dotted_path(host):
     train = spec.stage("train").params
     assert train.epochs == 5 and train.optimizer.learning_rate == 1e-4
     assert train.loss_weights == {"kl": 2}
-    assert spec.stage("model").params.latent_dim == 3 and spec.model.seed == 9
+    assert spec.stage("model").params.latent_dim == 3 and spec.settings.seed == 9
 
 
 def test_override_errors_name_the_option(host):
@@ -407,7 +407,7 @@ def test_too_many_plain_values(monkeypatch):
 def test_the_seed_is_checked_before_tensorflow(host, seed, expected):
     msg = problems(GOOD.replace("seed: 3", f"seed: {seed}"), host)
     assert "spec.yaml:2:1: seed:" in msg and f"expected: {expected}" in msg
-    assert check(GOOD.replace("seed: 3", "seed: 4294967295"), host).model.seed == 2**32 - 1
+    assert check(GOOD.replace("seed: 3", "seed: 4294967295"), host).settings.seed == 2**32 - 1
 
 
 def test_a_long_integer_is_described_by_its_size(host):

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.common import set_loss_weights  # noqa: E402
 from dlpipe.models.espcn import model as espcn  # noqa: E402
 from dlpipe.models.image_quality import PSNR_CAP, psnr, ssim  # noqa: E402
 from dlpipe.models.srgan import ESPCNParams, SRGANParams  # noqa: E402
@@ -174,7 +174,7 @@ def test_espcn_downsamples_then_upscales_and_reports_bicubic_metrics():
     # the loss is the pixel MSE, weighted by the named term "content"
     mse = np.mean((model.predict(data.x["test"], verbose=0) - data.x["test"]) ** 2)
     assert result["loss"] == pytest.approx(mse, rel=1e-4)
-    set_term_weights(model, {"content": 3.0})
+    set_loss_weights(model, {"content": 3.0})
     weighted = model.evaluate(data.dataset("test", 16), verbose=0, return_dict=True)["loss"]
     assert weighted == pytest.approx(3.0 * mse, rel=1e-4)
     with pytest.raises(ValueError, match="divide by scale 3"):
@@ -210,12 +210,12 @@ def test_espcn_learns_to_beat_its_starting_point_and_reloads(tmp_path):
 def test_srgan_loss_terms_are_named_and_weighted():
     data = make_data()
     model = compiled(srgan.build, SRGANParams(**TINY_SRGAN), data)
-    assert set(model.term_weights) == {"content", "adversarial"}
-    assert float(as_np(model.term_weights["adversarial"])) == pytest.approx(1e-3)
+    assert set(model.loss_weights) == {"content", "adversarial"}
+    assert float(as_np(model.loss_weights["adversarial"])) == pytest.approx(1e-3)
     hr = keras.ops.convert_to_tensor(data.x["train"][:8])
     sr = model.upscale(model.downsample(hr))
     for content_w, adv_w in ((1.0, 0.0), (0.5, 2.0)):
-        set_term_weights(model, {"content": content_w, "adversarial": adv_w})  # loss_weights
+        set_loss_weights(model, {"content": content_w, "adversarial": adv_w})  # loss_weights
         total, content, adversarial = (float(as_np(v)) for v in model.generator_loss(hr, sr))
         assert content > 0 and adversarial > 0
         assert total == pytest.approx(content_w * content + adv_w * adversarial, rel=1e-5)
@@ -258,13 +258,13 @@ def test_srgan_alternates_two_optimizers_and_warms_up():
 def test_srgan_save_and_load_restore_both_optimizers(tmp_path):
     data = make_data()
     model = compiled(srgan.build, SRGANParams(**TINY_SRGAN), data)
-    set_term_weights(model, {"adversarial": 0.01})
+    set_loss_weights(model, {"adversarial": 0.01})
     model.fit(data.dataset("train", 16), epochs=1, shuffle=False, verbose=0)
     path = tmp_path / "srgan.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, srgan.SRGAN) and loaded.scale == 2
-    assert float(as_np(loaded.term_weights["adversarial"])) == pytest.approx(0.01)
+    assert float(as_np(loaded.loss_weights["adversarial"])) == pytest.approx(0.01)
     x = data.x["test"][:4]
     np.testing.assert_allclose(as_np(loaded(x)), as_np(model(x)), atol=1e-5)
     np.testing.assert_allclose(
@@ -365,5 +365,5 @@ def test_srgan_pipeline_runs_with_loss_weights_from_the_spec(workdir, repo):
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(workdir))
     model = keras.saving.load_model(local)
     assert isinstance(model, srgan.SRGAN)
-    assert float(as_np(model.term_weights["adversarial"])) == pytest.approx(0.05)
+    assert float(as_np(model.loss_weights["adversarial"])) == pytest.approx(0.05)
     assert float(as_np(model.adversarial_gate)) == 1.0  # warm-up over after epoch 1

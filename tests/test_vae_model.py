@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models.common import make_term_weights, replica_scaled, set_term_weights  # noqa: E402
+from dlpipe.models.common import make_loss_weights, replica_scaled, set_loss_weights  # noqa: E402
 from dlpipe.models.vae import VAEParams  # noqa: E402
 from dlpipe.models.vae import model as vae  # noqa: E402
 
@@ -114,12 +114,12 @@ def test_reparameterization_gradient_flows():
 
 def test_kl_weight_zero_leaves_reconstruction(data):
     model = build(DENSE, data)
-    assert set(model.term_weights) == {"reconstruction", "kl"}
-    model.term_weights["kl"].assign(0.0)
+    assert set(model.loss_weights) == {"reconstruction", "kl"}
+    model.loss_weights["kl"].assign(0.0)
     result = model.evaluate(data.x["test"], batch_size=16, verbose=0, return_dict=True)
     assert result["kl_loss"] > 0
     assert result["loss"] == pytest.approx(result["reconstruction_loss"], rel=1e-6)
-    model.term_weights["kl"].assign(1.0)
+    model.loss_weights["kl"].assign(1.0)
     result = model.evaluate(data.x["test"], batch_size=16, verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(
         result["reconstruction_loss"] + result["kl_loss"], rel=1e-5
@@ -128,7 +128,7 @@ def test_kl_weight_zero_leaves_reconstruction(data):
 
 def test_save_and_load_give_same_predictions(trained, data, tmp_path):
     model, _ = trained
-    model.term_weights["kl"].assign(0.5)
+    model.loss_weights["kl"].assign(0.5)
     path = tmp_path / "vae.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -137,11 +137,11 @@ def test_save_and_load_give_same_predictions(trained, data, tmp_path):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
     )
-    assert float(loaded.term_weights["kl"].numpy()) == 0.5
+    assert float(loaded.loss_weights["kl"].numpy()) == 0.5
     assert loaded.seed == model.seed
     history = loaded.fit(x, epochs=1, verbose=0).history  # still trainable after loading
     assert np.isfinite(history["loss"][0])
-    model.term_weights["kl"].assign(1.0)
+    model.loss_weights["kl"].assign(1.0)
 
 
 @pytest.mark.parametrize("latent_dim", [2, 3])
@@ -180,18 +180,18 @@ def test_builds_are_reproducible(data):
 
 
 def test_common_helpers():
-    weights = make_term_weights(["a", "b"], {"b": 0.25})
+    weights = make_loss_weights(["a", "b"], {"b": 0.25})
     assert float(weights["a"].numpy()) == 1.0 and float(weights["b"].numpy()) == 0.25
     assert not weights["a"].trainable and weights["a"].dtype == "float32"
     with pytest.raises(ValueError, match="unknown"):
-        make_term_weights(["a"], {"c": 1.0})
+        make_loss_weights(["a"], {"c": 1.0})
 
     class Holder:
-        term_weights = weights
+        loss_weights = weights
 
-    set_term_weights(Holder(), {"a": 3.0})
+    set_loss_weights(Holder(), {"a": 3.0})
     assert float(weights["a"].numpy()) == 3.0
     with pytest.raises(ValueError, match="no loss term"):
-        set_term_weights(Holder(), {"kl": 1.0})
+        set_loss_weights(Holder(), {"kl": 1.0})
     loss = tf.constant(2.0)
     assert float(replica_scaled(loss)) == 2.0

@@ -15,7 +15,7 @@ import tensorflow as tf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models.common import set_term_weights  # noqa: E402
+from dlpipe.models.common import set_loss_weights  # noqa: E402
 from dlpipe.models.cvae import model as cvae  # noqa: E402
 from dlpipe.models.vae import CVAEParams, VAEParams  # noqa: E402
 from dlpipe.models.vae import model as vae  # noqa: E402
@@ -88,7 +88,7 @@ def test_reparameterization_gradient_flows_to_mean_log_var_and_encoder(condition
 
     # With the KL term off, the log-variance head is reached ONLY through the sample
     # (the reparameterized noise): its gradient must still be non-zero and finite.
-    set_term_weights(model, {"kl": 0.0})
+    set_loss_weights(model, {"kl": 0.0})
     log_var_head = model.encoder.get_layer("z_log_var").trainable_variables
     mean_head = model.encoder.get_layer("z_mean").trainable_variables
     first = model.encoder.trainable_variables[0]  # the first layer of the trunk
@@ -119,7 +119,7 @@ def test_kl_warmup_callback_sets_the_weight_each_epoch(conditional, data):
     builder, cls = (cvae.build, CVAEParams) if conditional else (vae.build, VAEParams)
     model = compiled(builder, cls(**TINY, kl_warmup_epochs=4), data)
     # As the train stage does: set loss_weights, then ask the hook for callbacks.
-    set_term_weights(model, {"kl": 2.0})
+    set_loss_weights(model, {"kl": 2.0})
     callbacks = (cvae.callbacks if conditional else vae.callbacks)(None, model, data)
     assert [type(cb) for cb in callbacks] == [vae.KLWarmUp]
     epochs = 5 if conditional else 2  # the VAE stops during the warm-up
@@ -137,7 +137,7 @@ def test_kl_warmup_callback_sets_the_weight_each_epoch(conditional, data):
     assert history["loss"][0] == pytest.approx(history["reconstruction_loss"][0], rel=1e-5)
     # After training (even one stopped during the warm-up) the weight is the target,
     # so evaluation and the saved model use the configured value.
-    assert float(as_np(model.term_weights["kl"])) == 2.0
+    assert float(as_np(model.loss_weights["kl"])) == 2.0
 
 
 # --------------------------------------------------------------------------------------
@@ -330,6 +330,6 @@ def test_cvae_pipeline_logs_metrics_grids_traversal_and_a_loadable_model(workdir
     local = client.download_artifacts(run_id, "model/model.keras", str(workdir))
     model = keras.saving.load_model(local)
     assert isinstance(model, cvae.CVAE) and model.num_classes == 10
-    assert float(as_np(model.term_weights["kl"])) == 2.0
+    assert float(as_np(model.loss_weights["kl"])) == 2.0
     images = model.generate_samples(10, labels=np.arange(10), seed=0)
     assert images.shape == (10, 16, 16, 1) and images.min() >= 0.0 and images.max() <= 1.0

@@ -134,12 +134,12 @@ def tiny_inception():
 
 
 def test_inception_aux_loss_weights_are_named_and_change_the_loss():
-    from dlpipe.models.common import set_term_weights
+    from dlpipe.models.common import set_loss_weights
     from dlpipe.models.inception.model import crossentropy
 
     model = tiny_inception()
-    assert set(model.term_weights) == set(MODELS["inception"].loss_terms) == {"main", "aux1", "aux2"}
-    assert float(model.term_weights["aux1"].numpy()) == pytest.approx(0.3)
+    assert set(model.loss_weights) == set(MODELS["inception"].loss_weights) == {"main", "aux1", "aux2"}
+    assert float(model.loss_weights["aux1"].numpy()) == pytest.approx(0.3)
 
     rng = np.random.default_rng(0)
     x = rng.random((6, 8, 8, 1)).astype("float32")
@@ -150,7 +150,7 @@ def test_inception_aux_loss_weights_are_named_and_change_the_loss():
     ce = [float(crossentropy(y, h)) for h in heads]
 
     def loss(**weights):
-        set_term_weights(model, weights)
+        set_loss_weights(model, weights)
         return float(model.compute_loss(x, y, heads, training=True))
 
     assert loss(main=1.0, aux1=0.0, aux2=0.0) == pytest.approx(ce[0], rel=1e-5)
@@ -161,22 +161,22 @@ def test_inception_aux_loss_weights_are_named_and_change_the_loss():
     # evaluation is the main head's cross-entropy, whatever the weights
     assert float(model.compute_loss(x, y, heads[0], training=False)) == pytest.approx(ce[0], rel=1e-5)
     with pytest.raises(ValueError, match="aux3"):
-        set_term_weights(model, {"aux3": 1.0})
+        set_loss_weights(model, {"aux3": 1.0})
 
 
 def test_inception_round_trips_through_keras_saving(tmp_path):
     import keras
 
-    from dlpipe.models.common import set_term_weights
+    from dlpipe.models.common import set_loss_weights
 
     model = tiny_inception()
-    set_term_weights(model, {"aux2": 0.9})
+    set_loss_weights(model, {"aux2": 0.9})
     x = np.random.default_rng(1).random((3, 8, 8, 1)).astype("float32")
     model.save(tmp_path / "inception.keras")
     loaded = keras.saving.load_model(tmp_path / "inception.keras")
     assert type(loaded).__name__ == "InceptionClassifier"
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
-    assert float(loaded.term_weights["aux2"].numpy()) == pytest.approx(0.9)
+    assert float(loaded.loss_weights["aux2"].numpy()) == pytest.approx(0.9)
 
 
 def test_spec_sets_inception_aux_weights_by_name():

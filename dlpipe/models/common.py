@@ -8,8 +8,8 @@ a hand-written loss must do both explicitly. A typical ``train_step``::
         scaled = replica_scaled(total)  # inside the tape, or no gradient reaches it
     apply_gradients(self.optimizer, tape, scaled, self.trainable_variables)
 
-Loss-term weights live in non-trainable variables (:func:`make_term_weights`) that the
-model exposes as ``term_weights``; the train stage assigns a spec's ``loss_weights``
+Loss-term weights live in non-trainable variables (:func:`make_loss_weights`) that the
+model exposes as ``loss_weights``; the train stage assigns a spec's ``loss_weights``
 to them, and callbacks may change them between epochs (KL warm-up) without retracing.
 """
 
@@ -54,10 +54,10 @@ def apply_gradients(
     optimizer.apply(grads, variables)
 
 
-def make_term_weights(names: Iterable[str], initial: Mapping[str, float] | None = None) -> dict:
+def make_loss_weights(names: Iterable[str], initial: Mapping[str, float] | None = None) -> dict:
     """One non-trainable float32 scalar ``keras.Variable`` per loss term, by name.
 
-    Assign the result to the model's ``term_weights`` attribute: Keras then tracks
+    Assign the result to the model's ``loss_weights`` attribute: Keras then tracks
     the variables (they are saved with the model and mirrored under a strategy).
     Unlisted terms start at 1.0. Create them inside the strategy scope.
     """
@@ -75,12 +75,12 @@ def make_term_weights(names: Iterable[str], initial: Mapping[str, float] | None 
     return weights
 
 
-def set_term_weights(model: Any, weights: Mapping[str, float]) -> None:
-    """Assign ``weights`` (term name -> value) to ``model.term_weights``.
+def set_loss_weights(model: Any, weights: Mapping[str, float]) -> None:
+    """Assign ``weights`` (term name -> value) to ``model.loss_weights``.
 
     Raises ``ValueError`` naming the model's terms when a name is not one of them.
     """
-    terms = getattr(model, "term_weights", None) or {}
+    terms = getattr(model, "loss_weights", None) or {}
     unknown = sorted(set(weights) - set(terms))
     if unknown:
         raise ValueError(

@@ -486,7 +486,7 @@ class StageSpec(BaseModel):
         return self.name or self.kind
 
 
-class SpecModel(BaseModel):
+class SpecSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Pipeline name; also the default MLflow run name.")
@@ -537,7 +537,7 @@ class ResolvedSpec:
 
     source: str
     raw: dict[str, Any]  # after overrides, as plain data
-    model: SpecModel
+    settings: SpecSettings
     stages: list[ResolvedStage]
     strategy_name: str
     strategy_params: Params
@@ -545,18 +545,18 @@ class ResolvedSpec:
 
     @property
     def name(self) -> str:
-        return self.model.name
+        return self.settings.name
 
     @property
     def experiment(self) -> str:
-        return self.model.experiment or self.model.name
+        return self.settings.experiment or self.settings.name
 
     def stage(self, stage_id: str) -> ResolvedStage | None:
         return next((s for s in self.stages if s.id == stage_id), None)
 
     def resolved_dict(self) -> dict[str, Any]:
         """The full spec with every default filled in, as plain data."""
-        out = self.model.model_dump(mode="json", exclude={"stages", "strategy"})
+        out = self.settings.model_dump(mode="json", exclude={"stages", "strategy"})
         out["strategy"] = {
             "use": self.strategy_name,
             "params": self.strategy_params.model_dump(mode="json"),
@@ -927,11 +927,11 @@ def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = (
     problems: list[Problem] = []
     raw_stages = data.get("stages")
     top_data = {k: v for k, v in data.items() if k != "stages"}
-    top: SpecModel | None = None
+    top: SpecSettings | None = None
     try:
-        top = SpecModel.model_validate({**top_data, "stages": [{"kind": "-", "use": "-"}]})
+        top = SpecSettings.model_validate({**top_data, "stages": [{"kind": "-", "use": "-"}]})
     except ValidationError as exc:
-        problems.extend(pydantic_problems(exc, SpecModel, (), doc))
+        problems.extend(pydantic_problems(exc, SpecSettings, (), doc))
     if not isinstance(raw_stages, list) or not raw_stages:
         problems.append(
             Problem(("stages",), "the spec needs a non-empty list of stages",
@@ -1030,7 +1030,7 @@ def validate(doc: YamlDocument, registry: Registry, overrides: Sequence[str] = (
     return ResolvedSpec(
         source=source,
         raw=data,
-        model=model,
+        settings=model,
         stages=stages,
         strategy_name=strategy.use,
         strategy_params=strategy_params,
@@ -1093,18 +1093,18 @@ def _cross_stage_problems(
     model_entry = registry.models.get(model_stage.use) if model_stage else None
     for stage in stages:
         weights = getattr(stage.params, "loss_weights", None)
-        if not weights or model_entry is None or not model_entry.loss_terms:
+        if not weights or model_entry is None or not model_entry.loss_weights:
             continue
         for term in weights:
-            if term not in model_entry.loss_terms:
+            if term not in model_entry.loss_weights:
                 path: KeyPath = ("stages", stage.index, "params", "loss_weights", term)
                 problems.append(
                     Problem(
                         path,
                         f"model {model_entry.name!r} has no loss term {term!r}",
                         doc.locate(path),
-                        suggestions=close_matches(term, model_entry.loss_terms),
-                        available=list(model_entry.loss_terms),
+                        suggestions=close_matches(term, model_entry.loss_weights),
+                        available=list(model_entry.loss_weights),
                         label=stage.id,
                     )
                 )
@@ -1208,12 +1208,12 @@ def _reference_problems(
                     break
             if (
                 len(rel) == 2 and rel[0] == "loss_weights" and model_entry is not None
-                and model_entry.loss_terms and rel[1] not in model_entry.loss_terms
+                and model_entry.loss_weights and rel[1] not in model_entry.loss_weights
             ):
                 problem(
                     f"path {dotted!r}: model {model_entry.name!r} has no loss term {rel[1]!r}",
-                    suggestions=close_matches(str(rel[1]), model_entry.loss_terms),
-                    available=list(model_entry.loss_terms),
+                    suggestions=close_matches(str(rel[1]), model_entry.loss_weights),
+                    available=list(model_entry.loss_weights),
                 )
     return problems
 

@@ -649,7 +649,7 @@ class Tracker:
     ) -> None:
         from dlpipe.spec import flatten_params
 
-        settings = context.spec.model.tracking
+        settings = context.spec.settings.tracking
         self.context = context
         self.parent = parent
         self.sidecar: Sidecar
@@ -898,7 +898,7 @@ def _stage_model(context: Any, path: str) -> Path | None:
     try:
         return packaging.stage_model(
             context.model, path, folder, context.data, context.model_entry(), context,
-            export=context.spec.model.tracking.export,
+            export=context.spec.settings.tracking.export,
         )
     except Exception as exc:
         print(f"mlflow: logging model/model.keras only; the MLflow model could not be "
@@ -908,7 +908,7 @@ def _stage_model(context: Any, path: str) -> Path | None:
 
 @hookimpl
 def before_run(context: Any) -> None:
-    if not context.spec.model.tracking.enabled:
+    if not context.spec.settings.tracking.enabled:
         return
     if context.parent is not None:  # a nested run (a trial) is a child of its parent's
         parent = _tracker(context.parent)
@@ -916,7 +916,7 @@ def before_run(context: Any) -> None:
             context.extras["mlflow"] = Tracker(context, parent=parent)
         return
     spec_files: list[str] = []
-    if context.spec.model.tracking.attach_run_id is None:
+    if context.spec.settings.tracking.attach_run_id is None:
         import yaml
 
         spec_dir = context.run_dir / "spec"
@@ -950,7 +950,7 @@ def on_artifact(context: Any, stage: Any, path: str, artifact_path: str) -> None
     tracker = _tracker(context)
     if tracker is None:
         return
-    settings = context.spec.model.tracking
+    settings = context.spec.settings.tracking
     if artifact_path == "model" and not settings.log_model:
         return
     # The final model (model/model.keras) is logged as an MLflow model with it.

@@ -8,7 +8,7 @@ training only, and the loss compares the reconstruction with the *clean* input.
 
 The loss has one named term, ``reconstruction`` (squared error or binary
 cross-entropy, summed over the values of an example and averaged over the batch),
-weighted by ``Autoencoder.term_weights["reconstruction"]``. It is computed in an
+weighted by ``Autoencoder.loss_weights["reconstruction"]``. It is computed in an
 overridden ``compute_loss``, so Keras's own ``train_step`` does the rest (mixed
 precision loss scaling included); the loss is scaled for the replica count like a
 built-in loss. ``model(x)`` returns reconstructions shaped like ``x``.
@@ -24,7 +24,7 @@ import numpy as np
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import encoder_trunk, make_term_weights, replica_scaled
+from dlpipe.models.common import encoder_trunk, make_loss_weights, replica_scaled
 from dlpipe.models.vae.model import build_decoder
 
 LOSS_TERMS = ("reconstruction",)
@@ -65,7 +65,7 @@ class Autoencoder(keras.Model):
         # GaussianNoise is active only when called with training=True.
         self.noise = layers.GaussianNoise(self.noise_std, seed=seed, name="input_noise")
         self.latent_dim = int(decoder.inputs[0].shape[-1])
-        self.term_weights = make_term_weights(LOSS_TERMS)
+        self.loss_weights = make_loss_weights(LOSS_TERMS)
 
     def encode(self, x: Any, training: bool | None = None) -> Any:
         """Latent vectors of a batch (no input noise)."""
@@ -104,7 +104,7 @@ class Autoencoder(keras.Model):
         # expects a loss already scaled for the replica count (it unscales it for the
         # "loss" metric), like its built-in losses.
         loss = ops.mean(self.reconstruction_error(x, y_pred))
-        return replica_scaled(self.term_weights["reconstruction"] * loss)
+        return replica_scaled(self.loss_weights["reconstruction"] * loss)
 
     def get_config(self) -> dict[str, Any]:
         return {

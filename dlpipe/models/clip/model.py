@@ -49,7 +49,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.models.attention import PositionalEmbedding, padding_mask
-from dlpipe.models.common import apply_gradients, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.transformer.model import EncoderBlock
 
 LOSS_TERMS = ("image_to_text", "text_to_image")
@@ -274,7 +274,7 @@ class CLIP(keras.Model):
         self.log_scale = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(math.log(1.0 / start)),
             trainable=self.temperature is None, name="log_scale")
-        self.term_weights = make_term_weights(LOSS_TERMS)
+        self.loss_weights = make_loss_weights(LOSS_TERMS)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.i2t_tracker = keras.metrics.Mean(name="image_to_text_loss")
         self.t2i_tracker = keras.metrics.Mean(name="text_to_image_loss")
@@ -333,8 +333,8 @@ class CLIP(keras.Model):
         targets = match_targets(self.positives, x.get("labels"), x["captions"],
                                 ops.shape(logits)[0])
         i2t, t2i = contrastive_loss(logits, targets)
-        total = 0.5 * (self.term_weights["image_to_text"] * i2t
-                       + self.term_weights["text_to_image"] * t2i)
+        total = 0.5 * (self.loss_weights["image_to_text"] * i2t
+                       + self.loss_weights["text_to_image"] * t2i)
         return total, i2t, t2i, (logits, targets)
 
     def _inputs(self, data: Any) -> dict[str, Any]:

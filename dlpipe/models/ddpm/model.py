@@ -57,7 +57,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import apply_gradients, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 
 LOSS_TERMS = ("noise",)
 SCHEDULES = ("linear", "cosine")
@@ -418,7 +418,7 @@ class DiffusionModel(keras.Model):
         self.ema_network = keras.models.clone_model(network)
         self.ema_network.set_weights(network.get_weights())
         self.ema_network.trainable = False
-        self.term_weights = make_term_weights(LOSS_TERMS)
+        self.loss_weights = make_loss_weights(LOSS_TERMS)
         self.noise_loss_tracker = keras.metrics.Mean(name="loss")
 
     # --- data space <-> diffusion space (overridden by latent diffusion) ------------
@@ -489,7 +489,7 @@ class DiffusionModel(keras.Model):
     def train_step(self, data: Any) -> dict[str, Any]:
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            loss = self.term_weights["noise"] * self.noise_loss(x, labels, training=True)
+            loss = self.loss_weights["noise"] * self.noise_loss(x, labels, training=True)
             scaled = replica_scaled(loss)
         apply_gradients(self.optimizer, tape, scaled, self.network.trainable_variables)
         self.update_ema(self.ema_decay_now())
@@ -498,7 +498,7 @@ class DiffusionModel(keras.Model):
 
     def test_step(self, data: Any) -> dict[str, Any]:
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        loss = self.term_weights["noise"] * self.noise_loss(x, labels, training=False)
+        loss = self.loss_weights["noise"] * self.noise_loss(x, labels, training=False)
         self.noise_loss_tracker.update_state(loss)
         return {m.name: m.result() for m in self.metrics}
 

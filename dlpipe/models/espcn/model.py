@@ -54,7 +54,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import apply_gradients, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.image_quality import psnr, ssim, to_unit_range
 
 # --------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class SuperResolution(keras.Model):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.degradation = degradation
         self.sample_every = int(sample_every)
-        self.term_weights = make_term_weights(self.LOSS_TERMS, self.INITIAL_TERM_WEIGHTS)
+        self.loss_weights = make_loss_weights(self.LOSS_TERMS, self.INITIAL_TERM_WEIGHTS)
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", *self.tracked_names(), "psnr", "ssim")
@@ -242,7 +242,7 @@ class SuperResolution(keras.Model):
         lr = self.downsample(hr)
         with tf.GradientTape() as tape:
             sr = self.upscale(lr, training=True)
-            loss = self.term_weights["content"] * self.content_loss(sr, hr)
+            loss = self.loss_weights["content"] * self.content_loss(sr, hr)
             scaled = replica_scaled(loss)  # inside the tape, or no gradient reaches it
         apply_gradients(self.optimizer, tape, scaled, self.upscaler.trainable_variables)
         sr_psnr, _ = self.quality(sr, hr)
@@ -252,7 +252,7 @@ class SuperResolution(keras.Model):
         hr, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         lr = self.downsample(hr)
         sr = self.upscale(lr, training=False)
-        loss = self.term_weights["content"] * self.content_loss(sr, hr)
+        loss = self.loss_weights["content"] * self.content_loss(sr, hr)
         return self.track({"loss": loss, **self.evaluation_metrics(hr, sr, lr)})
 
     # --- serialization ---------------------------------------------------------------

@@ -50,7 +50,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import apply_gradients, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 
 # --------------------------------------------------------------------------------------
 # What every adversarial model shares
@@ -143,7 +143,7 @@ class AdversarialModel(keras.Model):
         self.seed = seed
         self.latent_dim = int(generator.inputs[0].shape[-1])
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.term_weights = make_term_weights(self.LOSS_TERMS, self.INITIAL_TERM_WEIGHTS)
+        self.loss_weights = make_loss_weights(self.LOSS_TERMS, self.INITIAL_TERM_WEIGHTS)
         self.d_optimizer: Any = None
 
     # --- optimizers ----------------------------------------------------------------
@@ -410,12 +410,12 @@ class GAN(AdversarialModel):
         # 1) the discriminator, on real images and on fakes (fake labels = real labels)
         with tf.GradientTape() as tape:
             d_loss, real_logits, fake_logits = self.discriminator_loss(real, labels)
-            scaled = replica_scaled(self.term_weights["discriminator"] * d_loss)
+            scaled = replica_scaled(self.loss_weights["discriminator"] * d_loss)
         apply_gradients(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables)
         # 2) the generator, through the updated discriminator, on fresh noise
         with tf.GradientTape() as tape:
             g_loss = self.generator_loss(batch, labels)
-            scaled = replica_scaled(self.term_weights["generator"] * g_loss)
+            scaled = replica_scaled(self.loss_weights["generator"] * g_loss)
         apply_gradients(self.optimizer, tape, scaled, self.generator.trainable_variables)
         return self._track(d_loss, g_loss, real_logits, fake_logits)
 

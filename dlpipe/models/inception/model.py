@@ -22,7 +22,7 @@ The loss is a weighted sum of *named* terms
 
     loss = w_main * CE(main) + w_aux1 * CE(aux1) + w_aux2 * CE(aux2)
 
-whose weights live in ``model.term_weights`` (0.3 for the auxiliary heads, as in the
+whose weights live in ``model.loss_weights`` (0.3 for the auxiliary heads, as in the
 paper, unless ``aux_weight`` says otherwise); a spec sets them with
 ``train.loss_weights.aux1`` and a tune stage can search them. Training reports
 ``loss`` (the weighted sum), ``main_loss``, ``aux1_loss``, ``aux2_loss`` and
@@ -50,7 +50,7 @@ import keras
 from keras import layers, ops
 
 from dlpipe.errors import DlpipeError
-from dlpipe.models.common import make_term_weights, replica_scaled
+from dlpipe.models.common import make_loss_weights, replica_scaled
 
 #: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
 #: so the inference statistics settle within the few hundred steps of a CPU-sized run.
@@ -202,7 +202,7 @@ class InceptionClassifier(keras.Model):
         self.head_names = [str(n) for n in network.output_names]
         # Shares the layers of `network`, without the auxiliary heads.
         self.classifier = keras.Model(network.inputs, network.outputs[0], name="classifier")
-        self.term_weights = make_term_weights(
+        self.loss_weights = make_loss_weights(
             self.head_names, {n: self.aux_weight for n in self.head_names if n != MAIN}
         )
         self.term_trackers = [keras.metrics.Mean(name=f"{n}_loss") for n in self.head_names]
@@ -236,7 +236,7 @@ class InceptionClassifier(keras.Model):
         if len(terms) == 1:  # inference: the main head alone, unweighted
             total = terms[MAIN]
         else:
-            total = sum(self.term_weights[name] * value for name, value in terms.items())
+            total = sum(self.loss_weights[name] * value for name, value in terms.items())
         if self.losses:  # regularizers
             total = total + ops.cast(ops.sum(self.losses), total.dtype)
         return replica_scaled(total)

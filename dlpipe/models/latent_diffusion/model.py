@@ -192,7 +192,7 @@ def tracking_uri_of(source: Any, context: Any) -> str:
 
     uri = source.tracking_uri
     if uri is None and context is not None:
-        uri = context.spec.model.tracking.uri
+        uri = context.spec.settings.tracking.uri
     return paths.absolute_sqlite(uri) if uri else paths.default_tracking_uri()
 
 

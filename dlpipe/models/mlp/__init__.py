@@ -209,7 +209,7 @@ def register_models(register):
     register(
         "inception", build="dlpipe.models.inception.model:build", params=InceptionParams,
         description="GoogLeNet / Inception v1 with auxiliary classifiers (named loss terms).",
-        loss_terms=("main", "aux1", "aux2"),
+        loss_weights=("main", "aux1", "aux2"),
         example_params={"width": 0.0625, "blocks": [1, 2, 1]}, **common,
     )
     register(

@@ -103,7 +103,7 @@ def register_models(register):
         params=ESPCNParams,
         description="ESPCN super-resolution (sub-pixel conv), PSNR/SSIM vs bicubic.",
         task="generative",
-        loss_terms=("content",),
+        loss_weights=("content",),
         plots="dlpipe.models.espcn.model:plots",
         callbacks="dlpipe.models.espcn.model:callbacks",
         example_params={"scale": 2, "filters": [8, 4], "kernel_sizes": [3, 3], "sample_every": 0},
@@ -114,7 +114,7 @@ def register_models(register):
         params=SRGANParams,
         description="SRGAN super-resolution: content + adversarial loss (two optimizers).",
         task="generative",
-        loss_terms=("content", "adversarial"),
+        loss_weights=("content", "adversarial"),
         plots="dlpipe.models.srgan.model:plots",
         callbacks="dlpipe.models.srgan.model:callbacks",
         example_params={

@@ -157,8 +157,8 @@ class SRGAN(SuperResolution):
         logits = self.discriminate(sr, training=training)
         adversarial = bce_from_logits(ops.ones_like(logits), logits)
         total = (
-            self.term_weights["content"] * content
-            + self.adversarial_gate * self.term_weights["adversarial"] * adversarial
+            self.loss_weights["content"] * content
+            + self.adversarial_gate * self.loss_weights["adversarial"] * adversarial
         )
         return total, content, adversarial
 

@@ -10,7 +10,7 @@ maps ``z`` back to input space. The loss is a weighted sum of two named terms,
 * ``kl``: the KL divergence of the latent Gaussian from the unit Gaussian, summed
   over the latent dimensions and averaged over the batch;
 
-whose weights are the variables in ``VAE.term_weights`` (a ``kl`` weight other than 1
+whose weights are the variables in ``VAE.loss_weights`` (a ``kl`` weight other than 1
 gives a beta-VAE, Higgins et al. 2017). Training reports ``loss``,
 ``reconstruction_loss`` and ``kl_loss``.
 
@@ -43,7 +43,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.models import grids
-from dlpipe.models.common import apply_gradients, encoder_trunk, make_term_weights, replica_scaled
+from dlpipe.models.common import apply_gradients, encoder_trunk, make_loss_weights, replica_scaled
 
 LOSS_TERMS = ("reconstruction", "kl")
 
@@ -125,7 +125,7 @@ class VAE(keras.Model):
         self.sample_every = int(sample_every)
         self.sampler = Sampling(seed=seed, name="sampling")
         self.latent_dim = int(decoder.inputs[0].shape[-1])
-        self.term_weights = make_term_weights(LOSS_TERMS)
+        self.loss_weights = make_loss_weights(LOSS_TERMS)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
@@ -201,7 +201,7 @@ class VAE(keras.Model):
         per_example = ops.sum(ops.reshape(per_value, (ops.shape(x)[0], -1)), axis=1)
         kl = ops.sum(kl_divergence(z_mean, z_log_var), axis=1)
         terms = {"reconstruction": ops.mean(per_example), "kl": ops.mean(kl)}
-        total = sum(self.term_weights[name] * value for name, value in terms.items())
+        total = sum(self.loss_weights[name] * value for name, value in terms.items())
         return total, terms
 
     @property
@@ -224,7 +224,7 @@ class VAE(keras.Model):
         logs = self._track(total, terms)
         if self.kl_warmup_epochs > 0:
             # Constant within an epoch (KLWarmUp assigns it between epochs).
-            logs["kl_weight"] = ops.convert_to_tensor(self.term_weights["kl"])
+            logs["kl_weight"] = ops.convert_to_tensor(self.loss_weights["kl"])
         return logs
 
     def test_step(self, data: Any) -> dict[str, Any]:
@@ -448,10 +448,10 @@ class KLWarmUp(keras.callbacks.Callback):
         return self.target * min(1.0, epoch / self.epochs)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self.model.term_weights[self.term].assign(self.weight_at(epoch))
+        self.model.loss_weights[self.term].assign(self.weight_at(epoch))
 
     def on_train_end(self, logs: Any = None) -> None:
-        self.model.term_weights[self.term].assign(self.target)
+        self.model.loss_weights[self.term].assign(self.target)
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -479,7 +479,7 @@ def callbacks(context: Any, model: VAE, data: Any) -> list[Any]:
     """
     out: list[Any] = []
     if model.kl_warmup_epochs > 0:
-        target = float(ops.convert_to_numpy(model.term_weights["kl"]))
+        target = float(ops.convert_to_numpy(model.loss_weights["kl"]))
         out.append(KLWarmUp(target, model.kl_warmup_epochs))
     if model.sample_every > 0 and data.is_image:
         names = list(getattr(data, "class_names", None) or [])

@@ -111,7 +111,7 @@ class WGANGP(gan.AdversarialModel):
         gp = gradient_penalty(
             lambda x: self.discriminate(x, training=training), real, fake, seed=self.seed_generator
         )
-        return -wasserstein + self.term_weights["gp"] * gp, wasserstein, gp
+        return -wasserstein + self.loss_weights["gp"] * gp, wasserstein, gp
 
     def generator_loss(self, batch: Any, training: bool = True) -> Any:
         fake = self.generate(self.sample_latent(batch), training=training)

@@ -87,7 +87,7 @@ def register_models(register):
         params=YOLOParams,
         description="YOLO-v1-style one-stage grid detector (loss terms coord/obj/noobj/class).",
         task="detection",
-        loss_terms=("coord", "obj", "noobj", "class"),
+        loss_weights=("coord", "obj", "noobj", "class"),
         example_params={"grid": 4, "boxes": 2, "filters": [4, 8], "head_filters": 8},
         example_data="dlpipe.models.yolo.model:example_data",
     )

@@ -19,7 +19,7 @@ boxes. In that cell the predictor whose current box overlaps the truth most (hig
 IoU among the ``B``) is *responsible* for it.
 
 **The loss** (:func:`yolo_loss_terms`), summed over cells and averaged over images,
-has four named terms weighted by ``YOLODetector.term_weights``:
+has four named terms weighted by ``YOLODetector.loss_weights``:
 
 * ``coord`` (λ_coord, default 5): squared error of ``x, y, sqrt w, sqrt h`` of the
   responsible predictors;
@@ -48,7 +48,7 @@ import numpy as np
 from keras import layers, ops
 
 from dlpipe.errors import DlpipeError
-from dlpipe.models.common import make_term_weights, replica_scaled
+from dlpipe.models.common import make_loss_weights, replica_scaled
 from dlpipe.models.yolo.boxes import Detections, decode_grid
 
 LOSS_TERMS = ("coord", "obj", "noobj", "class")
@@ -230,7 +230,7 @@ class YOLODetector(keras.Model):
                 f"network outputs {out_shape[-1]} values per cell; {self.boxes} boxes and "
                 f"{self.num_classes} classes need {5 * self.boxes + self.num_classes}"
             )
-        self.term_weights = make_term_weights(LOSS_TERMS, DEFAULT_WEIGHTS)
+        self.loss_weights = make_loss_weights(LOSS_TERMS, DEFAULT_WEIGHTS)
         self.term_trackers = {name: keras.metrics.Mean(name=f"{name}_loss") for name in LOSS_TERMS}
 
     def build(self, input_shape: Any = None) -> None:
@@ -250,7 +250,7 @@ class YOLODetector(keras.Model):
         return {name: _batch_mean(value, sample_weight) for name, value in terms.items()}
 
     def weighted_loss(self, terms: dict[str, Any]) -> Any:
-        return sum(self.term_weights[name] * terms[name] for name in LOSS_TERMS)
+        return sum(self.loss_weights[name] * terms[name] for name in LOSS_TERMS)
 
     def compute_loss(
         self,

@@ -39,7 +39,7 @@ from dlpipe.checkpoint import (
 )
 from dlpipe.errors import DlpipeError, TrainingDiverged
 from dlpipe.losses import balanced_class_weights, class_weight_list, make_loss
-from dlpipe.models.common import set_term_weights
+from dlpipe.models.common import set_loss_weights
 
 _OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -641,7 +641,7 @@ def keras_fit(ctx: Any, params: Any) -> None:
     steps_per_epoch = max(math.ceil(n_train / params.batch_size), 1)
     has_val = data.size("val") > 0
 
-    own_loss = bool(getattr(model, "term_weights", None))
+    own_loss = bool(getattr(model, "loss_weights", None))
     loss, metrics = (None, []) if own_loss else default_loss(task)
     if params.loss is not None:
         try:
@@ -685,7 +685,7 @@ def keras_fit(ctx: Any, params: Any) -> None:
                 f"stage {ctx.stage.id!r}: loss_weights {sorted(params.loss_weights)} given, but "
                 "the model has no named loss terms"
             )
-        set_term_weights(model, params.loss_weights)
+        set_loss_weights(model, params.loss_weights)
 
     run_dir = ctx.run_dir
     history: dict[str, list[float]] = {}

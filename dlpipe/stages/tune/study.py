@@ -408,7 +408,7 @@ class Study:
             name_metrics(self.study, [o.metric for o in params.objectives])
             trials = self.study.get_trials(deepcopy=False)
             self.target, self.joined = self._round(tally(trials))
-        seed = params.seed if params.seed is not None else self.spec.model.seed
+        seed = params.seed if params.seed is not None else self.spec.settings.seed
         # Distinct seeds per worker and per session: no two draw the same random trials.
         self.study.sampler = make_sampler(params, seed + 1009 * self.worker + len(trials))
         self.prefix = self._data_prefix()
@@ -509,7 +509,7 @@ class Study:
         try:
             spec = derive_spec(self.spec, self.ctx.plugins.registry, values, trial=True)
             stages = [s for s in spec.stages[: self.stage.index] if s.index >= len(self.prefix)]
-            reset_backend(spec.model.seed)
+            reset_backend(spec.settings.seed)
             run_nested(
                 self.ctx, spec, stages, self.trial_dir / f"trial-{trial.number:04d}",
                 data=self.base_data,
@@ -623,7 +623,7 @@ def start_workers(ctx: Any, params: TuneParams, target: int) -> list[subprocess.
     tracker = ctx.extras.get("mlflow")
     if tracker is not None:
         cmd += ["--set", f"tracking.attach_run_id={tracker.wait_for_run_id()}"]
-    elif not spec.model.tracking.enabled:
+    elif not spec.settings.tracking.enabled:
         cmd += ["--no-track"]
     procs = []
     for i in range(1, params.workers):
@@ -790,7 +790,7 @@ def refit(ctx: Any, study: Study) -> None:
     ctx.tags["dlpipe.refit_trial"] = str(best.number)
     if study.base_data is not None:
         ctx.data = merged_train_val(study.base_data)
-    reset_backend(spec.model.seed)
+    reset_backend(spec.settings.seed)
     for stage in spec.stages[len(study.prefix) : study.stage.index]:
         run_stage(ctx, stage)
         if stage.kind in DATA_KINDS:
