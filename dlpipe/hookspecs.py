@@ -11,11 +11,13 @@ below and decorated with :data:`hookimpl`::
         register("tiny_mlp", build="my_pkg.tiny:build", params=TinyParams)
 
 dlpipe's own stages, architectures, strategies and its MLflow tracking are plugins
-written exactly this way (see ``dlpipe/builtin/``).
+written exactly this way: each architecture is a package under ``dlpipe/models/``
+and each stage family one under ``dlpipe/stages/`` (see ``docs/architecture.md``).
 
 How plugins are found, in this order (each loaded once):
 
-1. the built-in modules listed in :data:`dlpipe.builtin.BUILTIN_PLUGINS`;
+1. the built-in modules that :func:`dlpipe.plugins.builtin_plugins` lists (the stage
+   plugins, then every architecture package under ``dlpipe/models/``);
 2. installed packages that declare an entry point in the ``dlpipe`` group;
 3. ``*.py`` files in ``./plugins`` (or every ``--plugins-dir``);
 4. the spec's ``plugins:`` list (module names or ``.py`` paths).

@@ -12,6 +12,7 @@ import importlib.metadata as importlib_metadata
 import importlib.util
 import inspect
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -472,30 +473,43 @@ class _Loader:
             self.add_module(entry, "spec", name=entry)
 
 
-#: The built-in plugins. Each is an ordinary plugin package: it implements hooks from
-#: :mod:`dlpipe.hookspecs` with ``@hookimpl`` exactly as a third-party package would,
-#: and keeps TensorFlow out of its imports by registering ``"module:function"`` strings.
-BUILTIN_PLUGINS: tuple[str, ...] = (
+#: The built-in stage, strategy and tracking plugins. Each is an ordinary plugin
+#: package: it implements hooks from :mod:`dlpipe.hookspecs` with ``@hookimpl`` exactly
+#: as a third-party package would, and keeps TensorFlow out of its imports by
+#: registering ``"module:function"`` strings.
+BUILTIN_STAGE_PLUGINS: tuple[str, ...] = (
     "dlpipe.stages.data",
+    "dlpipe.stages.shapes",
+    "dlpipe.stages.sequences",
+    "dlpipe.stages.captions",
     "dlpipe.stages.augment",
     "dlpipe.stages.train",
     "dlpipe.stages.evaluate",
+    "dlpipe.stages.reports",
+    "dlpipe.stages.tune",
     "dlpipe.strategies",
     "dlpipe.tracking",
-    "dlpipe.stages.tune",
-    "dlpipe.models.vae",
-    "dlpipe.models.gan",
-    "dlpipe.models.mlp",
-    "dlpipe.stages.sequences",
-    "dlpipe.stages.shapes",
-    "dlpipe.models.srgan",
-    "dlpipe.models.ddpm",
-    "dlpipe.stages.reports",
-    "dlpipe.models.unet",
-    "dlpipe.models.yolo",
-    "dlpipe.models.vit",
-    "dlpipe.models.clip",
 )
+
+
+def builtin_architectures() -> tuple[str, ...]:
+    """The architecture packages, ``dlpipe.models.<name>``: every sub-package of
+    :mod:`dlpipe.models` is one, so a new architecture is a new folder and nothing else.
+    Found without importing them."""
+    import dlpipe.models
+
+    return tuple(
+        f"dlpipe.models.{info.name}"
+        for info in sorted(pkgutil.iter_modules(dlpipe.models.__path__), key=lambda i: i.name)
+        if info.ispkg
+    )
+
+
+def builtin_plugins() -> tuple[str, ...]:
+    """Every built-in plugin module, in load order: stages, then architectures."""
+    return BUILTIN_STAGE_PLUGINS + builtin_architectures()
+
+
 
 
 def builtin_name(module_name: str) -> str:
@@ -522,7 +536,7 @@ def load_plugins(
     pm = new_plugin_manager()
     loader = _Loader(pm)
     if builtins:
-        for module_name in BUILTIN_PLUGINS:
+        for module_name in builtin_plugins():
             loader.add_module(module_name, "builtin", name=builtin_name(module_name))
     if entry_points:
         loader.add_entry_points()

@@ -352,7 +352,7 @@ def test_yolo_rejects_a_grid_the_image_does_not_divide_into():
 
 def test_detection_report_needs_a_detector():
     from dlpipe.errors import DlpipeError
-    from dlpipe.models.yolo import DetectionReportParams
+    from dlpipe.stages.reports import DetectionReportParams
     from dlpipe.stages.reports.detection import detection_report
 
     ctx = SimpleNamespace(model=object(), data=tiny_bundle(), stage=SimpleNamespace(id="evaluate"))

@@ -14,9 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
-from dlpipe.models.ddpm import DDPMParams, LatentDiffusionParams, SourceModel  # noqa: E402
+from dlpipe.models.ddpm import DDPMParams  # noqa: E402
 from dlpipe.models.ddpm import model as diffusion  # noqa: E402
 from dlpipe.models.ddpm.model import NoiseSchedule  # noqa: E402
+from dlpipe.models.latent_diffusion import LatentDiffusionParams, SourceModel  # noqa: E402
 from dlpipe.models.latent_diffusion import model as latent_diffusion  # noqa: E402
 
 TINY = {"widths": [8], "timesteps": 30, "sample_steps": 5, "sample_every": 0}

@@ -13,15 +13,12 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
+from dlpipe.models.autoencoder import AutoencoderParams  # noqa: E402
 from dlpipe.models.autoencoder import model as autoencoder  # noqa: E402
 from dlpipe.models.common import set_loss_weights  # noqa: E402
-from dlpipe.models.gan import (  # noqa: E402
-    AutoencoderParams,
-    CGANParams,
-    GANParams,
-    WGANGPParams,
-)
+from dlpipe.models.gan import CGANParams, GANParams  # noqa: E402
 from dlpipe.models.gan import model as gan  # noqa: E402
+from dlpipe.models.wgan_gp import WGANGPParams  # noqa: E402
 from dlpipe.models.wgan_gp import model as wgan_gp  # noqa: E402
 
 TINY = {"latent_dim": 4, "filters": [8, 4], "sample_every": 0}

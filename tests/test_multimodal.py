@@ -17,8 +17,9 @@ import pytest  # noqa: E402
 
 from dlpipe.datasets import captions as cap  # noqa: E402
 from dlpipe.datasets.sequences import END_ID, PAD_ID  # noqa: E402
+from dlpipe.models.captioner import CaptionerParams  # noqa: E402
 from dlpipe.models.captioner import model as captioner  # noqa: E402
-from dlpipe.models.clip import CaptionerParams, CLIPParams  # noqa: E402
+from dlpipe.models.clip import CLIPParams  # noqa: E402
 from dlpipe.models.clip import model as clip  # noqa: E402
 from dlpipe.stages.reports.clip import (  # noqa: E402
     class_embeddings,

@@ -264,7 +264,7 @@ def test_load_predictor_from_the_registry(runs):
 def test_latent_diffusion_source_accepts_a_registered_model(runs):
     import keras
 
-    from dlpipe.models.ddpm import SourceModel
+    from dlpipe.models.latent_diffusion import SourceModel
     from dlpipe.models.latent_diffusion.model import load_source
 
     source = SourceModel(uri=f"models:/{NAME}@champion", tracking_uri=runs["uri"])

@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.errors import DlpipeError, TrainingDiverged  # noqa: E402
-from dlpipe.models.gan import CGANParams, GANParams, WGANGPParams  # noqa: E402
+from dlpipe.models.gan import CGANParams, GANParams  # noqa: E402
 from dlpipe.models.gan import model as gan  # noqa: E402
+from dlpipe.models.wgan_gp import WGANGPParams  # noqa: E402
 from dlpipe.models.wgan_gp import model as wgan_gp  # noqa: E402
 from dlpipe.stages.reports import QualityClassifierParams, SampleQualityParams  # noqa: E402
 from dlpipe.stages.reports import sample_quality as sq  # noqa: E402

@@ -15,9 +15,10 @@ import tensorflow as tf  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.common import set_loss_weights  # noqa: E402
+from dlpipe.models.espcn import ESPCNParams  # noqa: E402
 from dlpipe.models.espcn import model as espcn  # noqa: E402
 from dlpipe.models.image_quality import PSNR_CAP, psnr, ssim  # noqa: E402
-from dlpipe.models.srgan import ESPCNParams, SRGANParams  # noqa: E402
+from dlpipe.models.srgan import SRGANParams  # noqa: E402
 from dlpipe.models.srgan import model as srgan  # noqa: E402
 
 TINY_ESPCN = {"scale": 2, "filters": [8, 4], "kernel_sizes": [3, 3], "sample_every": 0}

@@ -16,8 +16,9 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.common import set_loss_weights  # noqa: E402
+from dlpipe.models.cvae import CVAEParams  # noqa: E402
 from dlpipe.models.cvae import model as cvae  # noqa: E402
-from dlpipe.models.vae import CVAEParams, VAEParams  # noqa: E402
+from dlpipe.models.vae import VAEParams  # noqa: E402
 from dlpipe.models.vae import model as vae  # noqa: E402
 
 TINY = {"hidden": [16, 8], "latent_dim": 3}

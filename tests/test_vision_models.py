@@ -257,7 +257,7 @@ def trained_mlp(data, epochs):
 
 
 def run_report(ctx, **params):
-    from dlpipe.models.mlp import ClassifierReportParams
+    from dlpipe.stages.reports import ClassifierReportParams
     from dlpipe.stages.reports.classifier import classifier_report
 
     classifier_report(ctx, ClassifierReportParams(**params))

@@ -1,8 +1,10 @@
-"""Generative architecture plugins: autoencoder, GAN, conditional GAN and WGAN-GP.
+"""``gan`` and ``cgan``: DCGAN-style or dense GANs, unconditional and conditional.
 
-The code lives in :mod:`dlpipe.models.autoencoder.model`, :mod:`dlpipe.models.gan.model` and
-:mod:`dlpipe.models.wgan_gp.model`; this module only declares parameters and registers
-``"module:function"`` strings, so it imports neither Keras nor TensorFlow.
+The Keras code is in :mod:`dlpipe.models.gan.model`; the adversarial training step it
+shares with ``wgan_gp`` and ``srgan`` is in :mod:`dlpipe.models.adversarial`.
+:class:`AdversarialParams` is the params base those architectures share.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,30 +14,10 @@ from typing import Literal
 from pydantic import Field
 
 from dlpipe import hookimpl
+from dlpipe.models.fields import Activation
 from dlpipe.params import Params
 
-Activation = Literal["auto", "tanh", "sigmoid", "linear"]
-
-
-class AutoencoderParams(Params):
-    """Encoder and decoder, dense or convolutional; denoising with ``noise_std > 0``."""
-
-    encoder: Literal["dense", "conv"] = Field("dense", description="Network family.")
-    latent_dim: int = Field(16, ge=1, description="Size of the code; > 2 is shown via PCA.")
-    hidden: list[int] = Field(
-        default_factory=lambda: [128, 64],
-        description="Dense widths (dense) or conv filters per stride-2 block (conv).",
-    )
-    activation: str = Field("relu", description="Hidden activation.")
-    reconstruction: Literal["mse", "bce"] = Field(
-        "mse", description="Reconstruction loss, summed over values; bce needs [0, 1] data."
-    )
-    noise_std: float = Field(
-        0.0, ge=0.0, description="Denoising: std of Gaussian noise added to inputs in training."
-    )
-    output_activation: Activation = Field(
-        "auto", description="auto: sigmoid for [0, 1] data, tanh for [-1, 1], else linear."
-    )
+_TINY = {"latent_dim": 8, "filters": [8, 4], "sample_every": 0}
 
 
 class AdversarialParams(Params):
@@ -89,32 +71,8 @@ class CGANParams(GANBaseParams):
     """A conditional GAN: generator and discriminator take the class label."""
 
 
-class WGANGPParams(AdversarialParams):
-    """WGAN-GP; the penalty weight is the loss term ``gp`` (train.loss_weights.gp, default 10)."""
-
-    critic_steps: int = Field(5, ge=1, le=20, description="Critic updates per generator update.")
-    adam_betas: tuple[float, float] | None = Field(
-        (0.5, 0.9),
-        description="Adam's (beta_1, beta_2) for both optimizers (0.5, 0.9 as in keras-io's "
-        "WGAN-GP); null keeps train.optimizer's. Ignored for non-Adam optimizers.",
-    )
-
-
-_TINY = {"latent_dim": 8, "filters": [8, 4], "sample_every": 0}
-
-
 @hookimpl
 def register_models(register):
-    register(
-        "autoencoder",
-        build="dlpipe.models.autoencoder.model:build",
-        params=AutoencoderParams,
-        description="Autoencoder, dense or conv, optionally denoising.",
-        task="generative",
-        loss_weights=("reconstruction",),
-        plots="dlpipe.models.autoencoder.model:plots",
-        example_params={"hidden": [16, 8], "latent_dim": 4, "noise_std": 0.1},
-    )
     register(
         "gan",
         build="dlpipe.models.gan.model:build",
@@ -136,15 +94,4 @@ def register_models(register):
         plots="dlpipe.models.gan.model:plots",
         callbacks="dlpipe.models.gan.model:callbacks",
         example_params=dict(_TINY),
-    )
-    register(
-        "wgan_gp",
-        build="dlpipe.models.wgan_gp.model:build",
-        params=WGANGPParams,
-        description="Wasserstein GAN with gradient penalty (loss term gp).",
-        task="generative",
-        loss_weights=("gp",),
-        plots="dlpipe.models.wgan_gp.model:plots",
-        callbacks="dlpipe.models.wgan_gp.model:callbacks",
-        example_params={**_TINY, "critic_steps": 2},
     )

@@ -242,8 +242,8 @@ def load_source(source: Any, context: Any) -> Any:
 
 def fresh_autoencoder(data: Any, latent_dim: int = 4) -> Any:
     """A tiny untrained dense autoencoder (only for builds without a context)."""
+    from dlpipe.models.autoencoder import AutoencoderParams
     from dlpipe.models.autoencoder import model as autoencoder
-    from dlpipe.models.gan import AutoencoderParams
 
     return autoencoder.build(AutoencoderParams(hidden=[16], latent_dim=latent_dim), data)
 

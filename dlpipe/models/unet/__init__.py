@@ -1,13 +1,8 @@
-"""Semantic segmentation plugin: the ``unet`` architecture and the ``segmentation_report``
-evaluate stage.
+"""``unet``: the U-Net for semantic segmentation.
 
-The code lives in :mod:`dlpipe.models.unet.model` and :mod:`dlpipe.stages.reports.segmentation`;
-this module only declares parameters and registers ``"module:function"`` strings, so it
-imports neither Keras nor TensorFlow.
-
-Segmentation data (``shapes_segmentation``) has images ``(n, h, w, c)`` and integer masks
-``(n, h, w)``; the U-Net outputs per-pixel class probabilities ``(n, h, w, classes)``, so
-train it with ``loss: sparse_categorical_crossentropy``.
+The Keras code is in :mod:`dlpipe.models.unet.model`.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -49,20 +44,6 @@ class UNetParams(Params):
     activation: str = Field("relu", description="Activation of the convolutions.")
 
 
-class SegmentationReportParams(Params):
-    """Mean IoU, Dice and pixel accuracy on a split, with mask and per-class plots."""
-
-    split: Literal["test", "val", "train"] = "test"
-    batch_size: int = Field(256, ge=1)
-    examples: int = Field(
-        8, ge=0, le=32, description="Images in the image / true mask / predicted mask grid."
-    )
-    per_class: bool = Field(True, description="Also log IoU and Dice of every class.")
-    plots: bool = Field(
-        True, description="Learning curves, the mask grid, per-class IoU and the model's plots."
-    )
-
-
 @hookimpl
 def register_models(register):
     register(
@@ -74,10 +55,3 @@ def register_models(register):
         example_params={"depth": 2, "base_filters": 4, "dropout": 0.1},
         example_data="dlpipe.models.unet.model:example_data",
     )
-
-
-@hookimpl
-def register_stages(register):
-    register("evaluate", "segmentation_report",
-             "dlpipe.stages.reports.segmentation:segmentation_report", SegmentationReportParams,
-             "Mean IoU, Dice, per-class IoU and pixel accuracy; mask grid and IoU bars.")

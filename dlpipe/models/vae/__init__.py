@@ -1,9 +1,9 @@
-"""Variational autoencoder plugins: ``vae`` and the conditional ``cvae``.
+"""``vae``: the variational autoencoder (a beta-VAE via the ``kl`` loss weight).
 
-The code is in :mod:`dlpipe.models.vae.model` and :mod:`dlpipe.models.cvae.model`; this module
-only declares parameters and registers ``"module:function"`` strings, so it imports
-neither Keras nor TensorFlow. A beta-VAE is the ``vae`` with ``train.loss_weights.kl``
-other than 1 (usually with ``kl_warmup_epochs``).
+The Keras code is in :mod:`dlpipe.models.vae.model`. Its loss weights are
+``reconstruction`` and ``kl``.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pydantic import Field
 
 from dlpipe import hookimpl
 from dlpipe.params import Params
+
+_TINY = {"hidden": [16, 8], "latent_dim": 2}
 
 
 class VAEParams(Params):
@@ -40,13 +42,6 @@ class VAEParams(Params):
     )
 
 
-class CVAEParams(VAEParams):
-    """A VAE whose encoder and decoder also take the one-hot class label."""
-
-
-_TINY = {"hidden": [16, 8], "latent_dim": 2}
-
-
 @hookimpl
 def register_models(register):
     register(
@@ -59,15 +54,4 @@ def register_models(register):
         plots="dlpipe.models.vae.model:plots",
         callbacks="dlpipe.models.vae.model:callbacks",
         example_params=dict(_TINY),
-    )
-    register(
-        "cvae",
-        build="dlpipe.models.cvae.model:build",
-        params=CVAEParams,
-        description="Conditional VAE: encoder and decoder see the class; sample by class.",
-        task="generative",
-        loss_weights=("reconstruction", "kl"),
-        plots="dlpipe.models.cvae.model:plots",
-        callbacks="dlpipe.models.cvae.model:callbacks",
-        example_params={**_TINY, "kl_warmup_epochs": 2},
     )

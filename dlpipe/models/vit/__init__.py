@@ -1,9 +1,8 @@
-"""The Vision Transformer (``vit``): images read as sequences of patches.
+"""``vit``: the Vision Transformer.
 
-Code in :mod:`dlpipe.models.vit.model`; nothing heavy is imported here. Compare it with a
-CNN on the same data and budget: ``pipelines/vit_digits.yaml`` against
-``pipelines/vit_cnn_baseline.yaml`` (both log to the ``dlpipe-vit-vs-cnn``
-experiment), and on the procedural shapes in ``pipelines/vit_shapes.yaml``.
+The Keras code is in :mod:`dlpipe.models.vit.model`.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""One-stage object detection: the ``yolo`` architecture and the ``detection_report``
-evaluate stage.
+"""``yolo``: one-stage YOLO-v1-style detection.
 
-Code: :mod:`dlpipe.models.yolo.model` (the YOLO-v1-style detector and its loss),
-:mod:`dlpipe.models.yolo.boxes` (IoU, NMS, decoding, mAP in NumPy) and
-:mod:`dlpipe.stages.reports.detection`. Both expect the ``shapes_detection`` data
-layout: padded ``(n, max_objects, 5)`` rows ``[class, x0, y0, x1, y1]``. Nothing here
-imports Keras.
+The Keras code is in :mod:`dlpipe.models.yolo.model`; box arithmetic (IoU, NMS, mAP)
+in NumPy is in :mod:`dlpipe.models.yolo.boxes`.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -61,24 +59,6 @@ class YOLOParams(Params):
         return self
 
 
-class DetectionReportParams(Params):
-    """mAP@0.5, mAP@0.5:0.95 and per-class AP50 on a split, plus drawn detections."""
-
-    split: Literal["test", "val", "train"] = "test"
-    batch_size: int = Field(128, ge=1)
-    score_threshold: float = Field(
-        0.05, ge=0.0, le=1.0,
-        description="Drop boxes scoring below this before NMS (low keeps recall for mAP).",
-    )
-    iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="NMS IoU threshold.")
-    max_detections: int = Field(20, ge=1, description="Most detections kept per image.")
-    draw_threshold: float = Field(
-        0.3, ge=0.0, le=1.0, description="Only detections scoring at least this are drawn."
-    )
-    images: int = Field(16, ge=0, le=64, description="Test images drawn with their boxes.")
-    plots: bool = Field(True, description="Detections grid, PR curves, learning curves.")
-
-
 @hookimpl
 def register_models(register):
     register(
@@ -91,10 +71,3 @@ def register_models(register):
         example_params={"grid": 4, "boxes": 2, "filters": [4, 8], "head_filters": 8},
         example_data="dlpipe.models.yolo.model:example_data",
     )
-
-
-@hookimpl
-def register_stages(register):
-    register("evaluate", "detection_report", "dlpipe.stages.reports.detection:detection_report",
-             DetectionReportParams,
-             "Detection mAP@0.5 and @0.5:0.95, per-class AP, drawn boxes and PR curves.")

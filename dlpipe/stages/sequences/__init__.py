@@ -1,18 +1,9 @@
-"""Sequence plugins: procedural text-pair datasets, a tokenizer stage, the ``seq2seq``
-(RNN) and ``transformer`` architectures and the ``seq2seq_report`` evaluation stage;
-and for text classification the ``seq_arith_check`` data stage and the
-``transformer_classifier`` architecture (a transformer encoder with a softmax head).
+"""Sequence data stages (addition, dates, reverse, sort, arithmetic checks) and the
+``tokenize`` stage.
 
-Implementations live in :mod:`dlpipe.datasets.sequences`,
-:mod:`dlpipe.stages.reports.seq2seq`, :mod:`dlpipe.models.seq2seq.model`,
-:mod:`dlpipe.models.transformer.model` and :mod:`dlpipe.models.text_classifier.model`; nothing
-heavy is imported here.
-
-Tokenization: every ``seq_*`` data stage already produces character-level token ids
-(and logs its vocabulary as the ``vocab`` artifact), so ``data -> model -> train``
-works on its own. An optional ``kind: tokenize, use: tokenizer`` stage right after
-the data stage re-tokenizes the same texts, e.g. with a learned subword (BPE)
-vocabulary, and logs that vocabulary instead.
+The generators and vocabularies are in :mod:`dlpipe.datasets.sequences`.
+This module declares its parameters and registers ``"module:function"`` strings, so
+importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -138,89 +129,6 @@ class TokenizerParams(Params):
     )
 
 
-class Seq2SeqReportParams(Params):
-    """Greedy decoding of a split, sequence metrics, examples and attention maps."""
-
-    split: Literal["test", "val", "train"] = Field("test", description="Split to decode.")
-    batch_size: int = Field(256, ge=1, description="Decoding batch size.")
-    beam_width: int = Field(
-        0, ge=0, description="Also decode with beam search of this width (0: skip); logs "
-        "<split>_beam_sequence_accuracy."
-    )
-    examples: int = Field(20, ge=0, description="Rows of the examples table (examples.md).")
-    attention_maps: bool = Field(True, description="Log the model's attention heat-maps.")
-    learning_curves: bool = Field(True, description="Log learning curves of the train stage.")
-    length_bucket_width: int = Field(
-        5, ge=1, description="Source lengths (tokens) per bucket of the "
-        "<split>_seq_acc_len_<lo>_<hi> metrics; buckets are aligned to multiples of it."
-    )
-    length_buckets: list[int] | None = Field(
-        None, min_length=1, description="Explicit bucket lower bounds instead, e.g. [0, 15, 20] "
-        "for lengths 0-14, 15-19 and 20 and longer."
-    )
-
-
-class Seq2SeqParams(Params):
-    """RNN encoder-decoder with optional attention."""
-
-    cell: Literal["simple_rnn", "lstm", "gru"] = Field("lstm", description="Recurrent cell.")
-    attention: Literal["none", "additive", "dot"] = Field(
-        "additive", description="none, additive (Bahdanau) or dot (Luong) attention over "
-        "the encoder outputs."
-    )
-    embedding_dim: int = Field(32, ge=1, description="Token embedding size.")
-    units: int = Field(128, ge=1, description="RNN state size (encoder and decoder).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the softmax.")
-
-
-class TransformerParams(Params):
-    """Transformer encoder-decoder."""
-
-    d_model: int = Field(64, ge=2, description="Model width.")
-    num_heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
-    ff_dim: int = Field(128, ge=1, description="Hidden size of the feed-forward networks.")
-    encoder_layers: int = Field(2, ge=1, description="Encoder blocks.")
-    decoder_layers: int = Field(2, ge=1, description="Decoder blocks.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Residual and embedding dropout.")
-    positional: Literal["sinusoidal", "learned"] = Field(
-        "sinusoidal", description="Positional encodings: fixed sinusoids or learned embeddings."
-    )
-
-    @model_validator(mode="after")
-    def _heads(self) -> TransformerParams:
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} must be divisible by num_heads "
-                             f"{self.num_heads}")
-        return self
-
-
-class TransformerClassifierParams(Params):
-    """Transformer encoder over token ids, pooled to a softmax classifier."""
-
-    d_model: int = Field(64, ge=2, description="Model width.")
-    num_heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
-    ff_dim: int = Field(128, ge=1, description="Hidden size of the feed-forward networks.")
-    num_layers: int = Field(2, ge=1, description="Encoder blocks.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Embedding, residual and head "
-                           "dropout.")
-    positional: Literal["sinusoidal", "learned"] = Field(
-        "sinusoidal", description="Positional encodings: fixed sinusoids or learned embeddings."
-    )
-    pooling: Literal["cls", "mean"] = Field(
-        "cls", description="cls: the final vector of a [cls] token put in front; mean: the "
-        "average over the real (non-padding) tokens."
-    )
-
-    @model_validator(mode="after")
-    def _heads(self) -> TransformerClassifierParams:
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} must be divisible by num_heads "
-                             f"{self.num_heads}")
-        return self
-
-
-
-
 @hookimpl
 def register_stages(register):
     register("data", "seq_addition", "dlpipe.datasets.sequences:addition", AdditionParams,
@@ -238,44 +146,3 @@ def register_stages(register):
              "Re-tokenize sequence or text classification data (char or learned subword "
              "BPE); logs the vocabulary.",
              needs=("data",), provides=("data",))
-    register("evaluate", "seq2seq_report", "dlpipe.stages.reports.seq2seq:seq2seq_report",
-             Seq2SeqReportParams,
-             "Greedy (and beam) decoding: sequence/token accuracy, examples, attention maps.")
-
-
-@hookimpl
-def register_models(register):
-    register(
-        "seq2seq",
-        build="dlpipe.models.seq2seq.model:build",
-        params=Seq2SeqParams,
-        description="RNN encoder-decoder (SimpleRNN/LSTM/GRU), optional Bahdanau/Luong "
-        "attention.",
-        task="seq2seq",
-        plots="dlpipe.models.seq2seq.model:plots",
-        example_params={"cell": "gru", "attention": "additive", "embedding_dim": 8,
-                        "units": 16},
-        example_data="dlpipe.datasets.sequences:example_bundle",
-    )
-    register(
-        "transformer",
-        build="dlpipe.models.transformer.model:build",
-        params=TransformerParams,
-        description="Transformer encoder-decoder with sinusoidal or learned positions.",
-        task="seq2seq",
-        plots="dlpipe.models.transformer.model:plots",
-        example_params={"d_model": 16, "num_heads": 2, "ff_dim": 32, "encoder_layers": 1,
-                        "decoder_layers": 1},
-        example_data="dlpipe.datasets.sequences:example_bundle",
-    )
-    register(
-        "transformer_classifier",
-        build="dlpipe.models.text_classifier.model:build",
-        params=TransformerClassifierParams,
-        description="Transformer encoder text classifier: [cls] or mean pooling, padding "
-        "masked, sinusoidal or learned positions.",
-        task="classification",
-        plots="dlpipe.models.text_classifier.model:plots",
-        example_params={"d_model": 16, "num_heads": 2, "ff_dim": 32, "num_layers": 1},
-        example_data="dlpipe.datasets.sequences:arith_example_bundle",
-    )

@@ -1,1 +1,0 @@
-"""text_classifier: registered by its family module until the split commit."""
