@@ -223,26 +223,41 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from dlpipe.spec import apply_overrides, read_spec_file, spec_plugins, validate
 
     doc = read_spec_file(args.spec)
-    if getattr(args, "workers", None) is not None:
-        args.overrides = [*args.overrides, f"{_tune_stage_id(doc, args.workers)}.workers={args.workers}"]
     apply_overrides(doc, args.overrides)
     host = load_plugins(
         plugin_dirs=args.plugins_dir,
         spec_plugins=spec_plugins(doc),
         spec_dir=Path(args.spec).resolve().parent,
     )
+    if getattr(args, "workers", None) is not None:
+        stage_id = _tune_stage_id(doc, host.registry, args.workers)
+        if stage_id is not None:
+            workers = f"{stage_id}.workers={args.workers}"
+            apply_overrides(doc, [workers])
+            args.overrides = [*args.overrides, workers]
     return validate(doc, host.registry, args.overrides), host
 
 
-def _tune_stage_id(doc: Any, workers: int) -> str:
+def _tune_stage_id(doc: Any, registry: Any, workers: int) -> str | None:
+    """The name of the stage that runs the stages before it (tune), whose ``workers``
+    ``--workers`` sets; ``None`` when a stage names no registered plugin (validation
+    then says which)."""
     from dlpipe.errors import DlpipeError
 
     if workers < 1:
         raise DlpipeError(f"--workers {workers}: expected a number of processes >= 1")
     stages = doc.data.get("stages") if isinstance(doc.data, dict) else None
+    unknown = False
     for stage in stages if isinstance(stages, list) else []:
-        if isinstance(stage, dict) and stage.get("kind") == "tune":
-            return str(stage.get("name") or "tune")
+        kind = stage.get("kind") if isinstance(stage, dict) else None
+        use = stage.get("use") if isinstance(stage, dict) else None
+        entry = registry.lookup_stage(kind, use) if isinstance(kind, str) and isinstance(use, str) else None
+        if entry is None:
+            unknown = True
+        elif entry.drives_previous:
+            return str(stage.get("name") or kind)
+    if unknown:
+        return None
     raise DlpipeError(f"--workers: {doc.source} has no tune stage; workers run tuning trials")
 
 

@@ -68,13 +68,15 @@ class RunContext:
         return self.spec.settings.seed
 
     def model_entry(self) -> Any:
-        """The registry entry of the architecture of :attr:`model`: the last model stage
-        before the current stage (or in the whole spec, between stages), if any."""
+        """The registry entry of the architecture of :attr:`model`: that of the last stage
+        that builds a model, up to the current stage (or in the whole spec, between
+        stages), if any (see :func:`dlpipe.spec.architecture`)."""
+        from dlpipe.spec import architecture
+
         stages = list(self.spec.stages)
         if self.stage is not None:
             stages = stages[: self.stage.index + 1]
-        stage = next((s for s in reversed(stages) if s.kind == "model"), None)
-        return self.plugins.registry.models.get(stage.use) if stage else None
+        return architecture(stages, self.plugins.registry)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items()}

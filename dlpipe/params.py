@@ -28,6 +28,18 @@ class Params(BaseModel):
         """
         return {}
 
+    def loss_terms(self) -> Mapping[str, tuple[str, ...]]:
+        """Names of the model's own loss terms that these params set, each with the key
+        path, inside these params, of the key that sets it: a train stage's
+        ``loss_weights: {kl: 0.5}`` is ``{"kl": ("loss_weights", "kl")}``.
+
+        Validation checks every name against the terms that the architecture of the
+        model stage before this stage registers (``register_models(..., loss_weights=)``),
+        for the spec's own values and for each value a search space may write (then only
+        the names set under the path it writes). Default: none.
+        """
+        return {}
+
 
 class NoParams(Params):
     """For plugins that take no parameters."""

@@ -395,9 +395,9 @@ def test_billion_laughs_is_refused_quickly():
 
 
 def test_too_many_plain_values(monkeypatch):
-    import dlpipe.spec
+    from dlpipe.spec import document
 
-    monkeypatch.setattr(dlpipe.spec, "MAX_VALUES", 10)
+    monkeypatch.setattr(document, "MAX_VALUES", 10)
     with pytest.raises(SpecError) as info:
         load_yaml("a: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n", "n.yaml")
     assert "n.yaml:1:26: a[7]: the spec holds more than 10 values" in str(info.value)  # keys count

@@ -251,6 +251,10 @@ class KerasFitParams(Params):
             raise ValueError("restore_best needs checkpoint.enabled: true")
         return self
 
+    def loss_terms(self) -> dict[str, tuple[str, ...]]:
+        """The terms ``loss_weights`` weights, each set at ``loss_weights.<term>``."""
+        return {term: ("loss_weights", term) for term in self.loss_weights}
+
 
 @hookimpl
 def register_stages(register):
