@@ -28,7 +28,7 @@ class Params(BaseModel):
         """
         return {}
 
-    def loss_terms(self) -> Mapping[str, tuple[str, ...]]:
+    def loss_weight_paths(self) -> Mapping[str, tuple[str, ...]]:
         """Names of the model's own loss terms that these params set, each with the key
         path, inside these params, of the key that sets it: a train stage's
         ``loss_weights: {kl: 0.5}`` is ``{"kl": ("loss_weights", "kl")}``.

@@ -78,7 +78,7 @@ def _unknown_terms(
     if model is None or not model.loss_weights:
         return {}
     return {
-        term: at for term, at in params.loss_terms().items()
+        term: at for term, at in params.loss_weight_paths().items()
         if at[: len(under)] == under and term not in model.loss_weights
     }
 
@@ -90,7 +90,7 @@ def cross_stage_problems(
     (:meth:`~dlpipe.params.Params.loss_terms`) against its model's."""
     problems: list[Problem] = []
     for stage in stages:
-        if not stage.params.loss_terms():
+        if not stage.params.loss_weight_paths():
             continue
         model = _model_before(stages, stage.index, registry)
         for term, at in _unknown_terms(stage.params, model).items():

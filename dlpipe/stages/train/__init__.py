@@ -251,7 +251,7 @@ class KerasFitParams(Params):
             raise ValueError("restore_best needs checkpoint.enabled: true")
         return self
 
-    def loss_terms(self) -> dict[str, tuple[str, ...]]:
+    def loss_weight_paths(self) -> dict[str, tuple[str, ...]]:
         """The terms ``loss_weights`` weights, each set at ``loss_weights.<term>``."""
         return {term: ("loss_weights", term) for term in self.loss_weights}
 
