@@ -22,7 +22,6 @@ plots.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from dlpipe.models.yolo.boxes import (
 )
 from dlpipe.plotting import learning_curves_figure
 from dlpipe.stages.evaluate.stage import evaluation_inputs
+from dlpipe.stages.reports.common import metric_suffix
 
 #: Box colours by class index (matplotlib's tab10).
 COLORS = (
@@ -50,11 +50,6 @@ COLORS = (
 
 def _name(names: Sequence[str], k: int) -> str:
     return names[k] if 0 <= k < len(names) else str(k)
-
-
-def metric_key(name: str) -> str:
-    """A class name as part of a metric name (letters, digits, ``_ . -``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
 
 
 def detection_metrics(
@@ -73,7 +68,7 @@ def detection_metrics(
     }
     for k, ap in enumerate(result.per_class(0.5)):
         if not math.isnan(ap):
-            metrics[f"{split}_ap50_{metric_key(_name(class_names, k))}"] = float(ap)
+            metrics[f"{split}_ap50_{metric_suffix(_name(class_names, k))}"] = float(ap)
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 

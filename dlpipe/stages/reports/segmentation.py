@@ -35,7 +35,6 @@ architecture's own plots.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ import numpy as np
 
 from dlpipe.errors import DlpipeError
 from dlpipe.stages.evaluate.stage import evaluation_inputs
+from dlpipe.stages.reports.common import metric_suffix
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -159,11 +159,6 @@ def predicted_masks(outputs: Any) -> np.ndarray:
     return out.argmax(axis=-1).astype(np.int32)
 
 
-def metric_name(name: str) -> str:
-    """A class name as a metric-safe suffix: ``"traffic light"`` -> ``traffic_light``."""
-    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_") or "class"
-
-
 def scores_as_metrics(
     scores: SegmentationScores, split: str, class_names: Sequence[str], per_class: bool = True
 ) -> dict[str, float]:
@@ -176,7 +171,7 @@ def scores_as_metrics(
     }
     if per_class:
         for k in map(int, np.flatnonzero(scores.present)):
-            label = metric_name(class_names[k]) if k < len(class_names) else str(k)
+            label = metric_suffix(class_names[k]) if k < len(class_names) else str(k)
             metrics[f"{split}_iou_{label}"] = float(scores.iou[k])
             metrics[f"{split}_dice_{label}"] = float(scores.dice_per_class[k])
     return metrics
