@@ -1,4 +1,10 @@
-"""The data bundle that data stages produce and later stages consume."""
+"""The data bundle that data stages produce and later stages consume, and the array
+operations every data source shares: the seeded train/val/test split
+(:func:`split_indices`), normalization fitted on the training split (:func:`normalize`)
+and image resizing (:func:`resize_images`).
+
+NumPy at import; scikit-learn and TensorFlow are imported where they are used.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.datacheck import check_split, stratify_problem
+from dlpipe.errors import DlpipeError
+
 SPLITS = ("train", "val", "test")
+
+Splits = dict[str, np.ndarray]
 
 
 @dataclass
@@ -141,3 +152,103 @@ class DataBundle:
 
             ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_indices(
+    n: int,
+    y: np.ndarray | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    stratify: bool,
+    *,
+    source: str = "data",
+) -> dict[str, np.ndarray]:
+    """The example indices of each split: a seeded cut (stratified by ``y`` when
+    ``stratify``); a fraction of 0 gives an empty split.
+
+    Fails with a :class:`DlpipeError` (starting with ``source``) when the fractions
+    leave no training examples. Where a stratified cut is impossible (a class with a
+    single example, fewer examples than classes) it says so and cuts without.
+    """
+    check_split(source, n, val_fraction, test_fraction)
+    index = np.arange(n)
+    labels = y if stratify else None
+
+    def cut(
+        idx: np.ndarray, fraction: float, salt: int, split: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if fraction <= 0:
+            return idx, idx[:0]
+        part = None if labels is None else labels[idx]
+        if part is not None and (problem := stratify_problem(part, fraction)):
+            print(f"data: {source}: cannot stratify the {split} split: {problem}; "
+                  "splitting it without stratification")
+            part = None
+        return _train_test_split(idx, fraction, seed + salt, part)
+
+    rest, test = cut(index, test_fraction, 0, "test")
+    # val_fraction is a share of all examples, not of what the test split left.
+    val_share = val_fraction / (1.0 - test_fraction) if val_fraction > 0 else 0.0
+    train, val = cut(rest, val_share, 1, "val")
+    return {"train": train, "val": val, "test": test}
+
+
+def _train_test_split(
+    idx: np.ndarray, fraction: float, seed: int, labels: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    # check_split and stratify_problem have ruled out scikit-learn's ValueErrors.
+    kept, taken = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(kept), np.sort(taken)
+
+
+def normalize(
+    xs: Splits, method: str, target: tuple[float, float], *, image: bool
+) -> tuple[Splits, tuple[float, float]]:
+    """Scale every split with statistics of the training split only.
+
+    Images use one global statistic; tables one per feature (column). Returns the
+    scaled splits and the value range of the scaled training data.
+    """
+    train = xs["train"].astype(np.float32)
+    axis = None if image else 0
+    if method == "minmax":
+        low, high = np.min(train, axis=axis), np.max(train, axis=axis)
+        span = np.where(high > low, high - low, 1.0)
+        scale = (target[1] - target[0]) / span
+        out = {s: (v - low) * scale + target[0] for s, v in xs.items()}
+        value_range = (float(target[0]), float(target[1]))
+    elif method == "standard":
+        mean, std = np.mean(train, axis=axis), np.std(train, axis=axis)
+        std = np.where(std > 0, std, 1.0)
+        out = {s: (v - mean) / std for s, v in xs.items()}
+        value_range = array_range(out["train"])
+    elif method == "none":
+        out = dict(xs)
+        value_range = array_range(train)
+    else:
+        raise DlpipeError(f"unknown normalization '{method}' (none, minmax or standard)")
+    return {s: np.asarray(v, dtype=np.float32) for s, v in out.items()}, value_range
+
+
+def resize_images(x: np.ndarray, size: tuple[int, int], batch: int = 1024) -> np.ndarray:
+    """Resize ``(n, h, w, c)`` images to ``size`` (bilinear with antialiasing)."""
+    import tensorflow as tf
+
+    height, width = (int(v) for v in size)
+    if x.shape[1:3] == (height, width):
+        return x.astype(np.float32)
+    if len(x) == 0:
+        return np.zeros((0, height, width, x.shape[3]), dtype=np.float32)
+    chunks = [
+        tf.image.resize(x[i : i + batch], (height, width), method="bilinear", antialias=True)
+        for i in range(0, len(x), batch)
+    ]
+    return np.concatenate([c.numpy() for c in chunks]).astype(np.float32)
+
+
+def array_range(x: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest value of ``x``; ``(0, 1)`` when it is empty."""
+    return (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 1.0)

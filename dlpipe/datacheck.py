@@ -169,7 +169,7 @@ def check_labels(
 def split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
     """How many of ``n`` examples the train, val and test splits get.
 
-    This is how :func:`dlpipe.stages.data.loaders.split_indices` cuts (scikit-learn's
+    This is how :func:`dlpipe.data.split_indices` cuts (scikit-learn's
     rounding): the test split takes ``ceil(test_fraction * n)`` examples, the val split
     the same share of all examples from what is left (rounded up), train the rest.
     """

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from dlpipe import datacheck
-from dlpipe.data import DataBundle
+from dlpipe.data import DataBundle, split_indices
 from dlpipe.errors import DlpipeError
 from dlpipe.stages.data import DigitsParams, NpzParams
-from dlpipe.stages.data import loaders as data_stages
+from dlpipe.stages.data.files import npz
+from dlpipe.stages.data.sklearn import sklearn_digits
 
 
 def make_ctx(seed: int = 0) -> Any:
@@ -40,7 +41,7 @@ def write_npz(folder: Path, name: str = "arrays.npz", **arrays: Any) -> Path:
 def npz_error(path: Path, **params: Any) -> str:
     """The DlpipeError message of the npz stage on ``path``."""
     with pytest.raises(DlpipeError) as info:
-        data_stages.npz(make_ctx(), NpzParams(path=str(path), **params))
+        npz(make_ctx(), NpzParams(path=str(path), **params))
     return str(info.value)
 
 
@@ -106,7 +107,7 @@ def test_text_features_name_dtype_and_an_example_value(tmp_path: Path) -> None:
 def test_text_that_reads_as_numbers_is_accepted(tmp_path: Path) -> None:
     path = write_npz(tmp_path, x=table(40, 3).astype(str), y=labels())
     ctx = make_ctx()
-    data_stages.npz(ctx, NpzParams(path=str(path)))
+    npz(ctx, NpzParams(path=str(path)))
     assert ctx.data.x["train"].dtype == np.float32
 
 
@@ -185,8 +186,8 @@ def test_too_few_examples_to_split(tmp_path: Path) -> None:
 
 def test_too_few_examples_after_limit_names_the_larger_fraction_first() -> None:
     with pytest.raises(DlpipeError) as info:
-        data_stages.sklearn_digits(make_ctx(), DigitsParams(limit=10, val_fraction=0.45,
-                                                            test_fraction=0.5))
+        sklearn_digits(make_ctx(), DigitsParams(limit=10, val_fraction=0.45,
+                                                test_fraction=0.5))
     assert str(info.value) == (
         "sklearn_digits: 10 examples are too few to split into train/val/test with "
         "val_fraction 0.45 and test_fraction 0.5: the test split takes 5 and the val split "
@@ -200,7 +201,7 @@ def test_a_class_too_small_to_stratify_is_split_without(tmp_path: Path, capsys) 
     y[17] = 2  # class 2 has a single example
     path = write_npz(tmp_path, x=table(), y=y)
     ctx = make_ctx()
-    data_stages.npz(ctx, NpzParams(path=str(path)))
+    npz(ctx, NpzParams(path=str(path)))
     assert sum(ctx.data.size(s) for s in ("train", "val", "test")) == 40
     assert (
         f"data: {path}: cannot stratify the test split: class 2 has only 1 example "
@@ -211,7 +212,7 @@ def test_a_class_too_small_to_stratify_is_split_without(tmp_path: Path, capsys) 
 def test_fewer_examples_than_classes_in_a_split_is_split_without(tmp_path: Path, capsys) -> None:
     path = write_npz(tmp_path, x=table(12), y=labels(12, k=4))
     ctx = make_ctx()
-    data_stages.npz(ctx, NpzParams(path=str(path), val_fraction=0.0, test_fraction=0.2))
+    npz(ctx, NpzParams(path=str(path), val_fraction=0.0, test_fraction=0.2))
     assert ctx.data.size("test") == 3
     assert (
         f"data: {path}: cannot stratify the test split: the cut would get 3 of 12 examples "
@@ -339,7 +340,7 @@ def test_no_examples_to_split_and_a_plugin_rounding() -> None:
 def test_split_sizes_are_what_the_split_gives() -> None:
     for n, val, test in [(3, 0.15, 0.15), (10, 0.1, 0.3), (17, 0.2, 0.0), (50, 0.0, 0.5),
                          (1797, 0.15, 0.15), (11, 0.45, 0.45)]:
-        parts = data_stages.split_indices(n, None, val, test, seed=0, stratify=False)
+        parts = split_indices(n, None, val, test, seed=0, stratify=False)
         assert {s: len(idx) for s, idx in parts.items()} == datacheck.split_sizes(n, val, test)
 
 

@@ -24,7 +24,9 @@ from dlpipe.stages.data import (
     KerasDatasetParams,
     NpzParams,
 )
-from dlpipe.stages.data import loaders as data_stages
+from dlpipe.stages.data.files import image_directory, npz
+from dlpipe.stages.data.keras_datasets import keras_dataset
+from dlpipe.stages.data.sklearn import sklearn_digits, sklearn_iris
 
 
 def make_ctx(seed: int = 0) -> Any:
@@ -33,7 +35,7 @@ def make_ctx(seed: int = 0) -> Any:
 
 def digits(ctx: Any | None = None, **params: Any) -> DataBundle:
     ctx = ctx or make_ctx()
-    data_stages.sklearn_digits(ctx, DigitsParams(**params))
+    sklearn_digits(ctx, DigitsParams(**params))
     return ctx.data
 
 
@@ -99,7 +101,7 @@ def test_image_size_resizes() -> None:
 
 def test_iris_is_a_standardized_table() -> None:
     ctx = make_ctx()
-    data_stages.sklearn_iris(ctx, IrisParams())
+    sklearn_iris(ctx, IrisParams())
     data = ctx.data
     assert data.input_shape == (4,) and not data.is_image
     assert data.num_classes == 3 and data.class_names == ["setosa", "versicolor", "virginica"]
@@ -116,7 +118,7 @@ def test_npz_roundtrip(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the path is relative to the working directory
     ctx = make_ctx()
     params = NpzParams(path="arrays.npz", x_key="images", y_key="labels", normalize="none")
-    data_stages.npz(ctx, params)
+    npz(ctx, params)
     data = ctx.data
     assert data.input_shape == (10, 12, 1) and data.num_classes == 3
     assert data.name == "arrays"
@@ -128,7 +130,7 @@ def test_npz_tabular_regression(tmp_path: Path) -> None:
     x = np.random.default_rng(1).normal(size=(40, 3))
     np.savez(tmp_path / "table.npz", x=x, y=x.sum(axis=1))
     ctx = make_ctx()
-    data_stages.npz(ctx, NpzParams(path=str(tmp_path / "table.npz"), task="regression"))
+    npz(ctx, NpzParams(path=str(tmp_path / "table.npz"), task="regression"))
     assert ctx.data.input_shape == (3,) and ctx.data.num_classes is None
     assert ctx.data.y["train"].dtype == np.float32
 
@@ -136,7 +138,7 @@ def test_npz_tabular_regression(tmp_path: Path) -> None:
 def test_npz_missing_file_names_it_and_a_close_match(tmp_path: Path) -> None:
     np.savez(tmp_path / "digits.npz", x=np.zeros((4, 2)), y=np.zeros(4))
     with pytest.raises(DlpipeError) as info:
-        data_stages.npz(make_ctx(), NpzParams(path=str(tmp_path / "digit.npz")))
+        npz(make_ctx(), NpzParams(path=str(tmp_path / "digit.npz")))
     message = str(info.value)
     assert "digit.npz" in message and "not found" in message
     assert "did you mean" in message and "digits.npz" in message
@@ -146,7 +148,7 @@ def test_npz_missing_key_names_key_file_and_available_keys(tmp_path: Path) -> No
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 2)), labels=np.zeros(4))
     with pytest.raises(DlpipeError) as info:
         params = NpzParams(path=str(tmp_path / "d.npz"), x_key="image", y_key="labels")
-        data_stages.npz(make_ctx(), params)
+        npz(make_ctx(), params)
     message = str(info.value)
     assert "d.npz" in message and "'image'" in message
     assert "images, labels" in message and "did you mean: images?" in message
@@ -169,22 +171,22 @@ def test_image_directory(tmp_path: Path) -> None:
     params = ImageDirectoryParams(
         path=str(tmp_path / "pets"), image_size=(8, 6), val_fraction=0.0, test_fraction=0.0
     )
-    data_stages.image_directory(ctx, params)
+    image_directory(ctx, params)
     data = ctx.data
     assert data.class_names == ["cat", "dog"] and data.num_classes == 2
     assert data.input_shape == (8, 6, 3) and data.size("train") == 6
     assert sorted(data.y["train"].tolist()) == [0, 0, 0, 1, 1, 1]
 
-    data_stages.image_directory(ctx, params.model_copy(update={"color_mode": "grayscale"}))
+    image_directory(ctx, params.model_copy(update={"color_mode": "grayscale"}))
     assert ctx.data.input_shape == (8, 6, 1)
 
 
 def test_image_directory_errors_explain_the_layout(tmp_path: Path) -> None:
     with pytest.raises(DlpipeError, match=r"not found.*<class>/<image>\.png"):
-        data_stages.image_directory(make_ctx(), ImageDirectoryParams(path=str(tmp_path / "no")))
+        image_directory(make_ctx(), ImageDirectoryParams(path=str(tmp_path / "no")))
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(DlpipeError, match=r"no images found.*<class>/<image>\.png"):
-        data_stages.image_directory(make_ctx(), ImageDirectoryParams(path=str(tmp_path / "empty")))
+        image_directory(make_ctx(), ImageDirectoryParams(path=str(tmp_path / "empty")))
 
 
 def test_keras_dataset_offline_error(monkeypatch) -> None:
@@ -197,7 +199,7 @@ def test_keras_dataset_offline_error(monkeypatch) -> None:
 
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
     with pytest.raises(DlpipeError) as info:
-        data_stages.keras_dataset(make_ctx(), KerasDatasetParams(dataset="mnist"))
+        keras_dataset(make_ctx(), KerasDatasetParams(dataset="mnist"))
     message = str(info.value)
     assert "'mnist'" in message and "network" in message
     assert "~/.keras/datasets" in message and "sklearn_digits" in message
@@ -207,7 +209,7 @@ def test_augment_needs_data_and_images() -> None:
     with pytest.raises(DlpipeError, match="needs a data stage before it"):
         augment_stages.keras_layers(make_ctx(), KerasAugmentParams(noise=0.1))
     ctx = make_ctx()
-    data_stages.sklearn_iris(ctx, IrisParams())
+    sklearn_iris(ctx, IrisParams())
     with pytest.raises(DlpipeError, match="images"):
         augment_stages.keras_layers(ctx, KerasAugmentParams(noise=0.1))
 

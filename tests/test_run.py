@@ -206,7 +206,7 @@ def test_cli_failure_is_clear_without_traceback(workdir, capsys):
 
 def test_nan_guard_fails_the_run(monkeypatch, workdir):
     # The data stages refuse NaN input; let one through to reach the training guard.
-    monkeypatch.setattr("dlpipe.stages.data.loaders.check_arrays", lambda *a, **k: None)
+    monkeypatch.setattr("dlpipe.datacheck.check_arrays", lambda *a, **k: None)
     x = np.random.default_rng(0).random((120, 8, 8, 1)).astype("float32")
     x[5, 0, 0, 0] = np.nan
     np.savez(workdir / "bad.npz", x=x, y=np.zeros(120, dtype="int32"))

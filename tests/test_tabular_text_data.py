@@ -16,11 +16,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from dlpipe.datasets import sequences as sd
+from dlpipe.data import split_indices
+from dlpipe.datasets.bundles import TextClassBundle
+from dlpipe.datasets.vocab import Vocabulary, encode_texts
 from dlpipe.errors import DlpipeError
 from dlpipe.stages.data import CsvParams, TextDirectoryParams
-from dlpipe.stages.data import loaders as data_stages
+from dlpipe.stages.data.tables import TablePreprocessing, csv_table, read_csv
+from dlpipe.stages.data.texts import text_directory
 from dlpipe.stages.sequences import TokenizerParams
+from dlpipe.stages.sequences.stage import tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +56,7 @@ def write_table(folder: Path, n: int = 40, name: str = "shop.csv") -> Path:
 def load_csv(tmp_path: Path, path: Path, **params: Any) -> Any:
     ctx = make_ctx(tmp_path)
     params.setdefault("label", "kind")
-    data_stages.csv_table(ctx, CsvParams(path=str(path), **params))
+    csv_table(ctx, CsvParams(path=str(path), **params))
     return ctx
 
 
@@ -89,12 +93,12 @@ def test_csv_one_hot_encodes_categories_and_standardizes_numbers(tmp_path, capsy
     assert ctx.logged == [(str(tmp_path / "run" / "preprocessing" / "preprocessing.json"),
                            "preprocessing")]
     saved = json.loads(Path(ctx.logged[0][0]).read_text())
-    again = data_stages.TablePreprocessing.from_dict(saved)
+    again = TablePreprocessing.from_dict(saved)
     assert again == prep and saved["input_names"] == prep.input_names
     rows = [dict(zip(["size", "color", "price"], line.split(",")[:3], strict=True))
             for line in (tmp_path / "shop.csv").read_text().splitlines()[1:]]
-    train_rows = [rows[i] for i in data_stages.split_indices(40, np.arange(40) % 2, 0.15, 0.15,
-                                                             0, True)["train"]]
+    train_rows = [rows[i] for i in split_indices(40, np.arange(40) % 2, 0.15, 0.15,
+                                                 0, True)["train"]]
     np.testing.assert_allclose(again.encode(train_rows), train, atol=1e-6)
     # An unseen category and an empty categorical cell are all zeros; numbers may be text.
     x = again.encode([{"size": 10, "color": "purple", "price": "2.5", "kind": "a"},
@@ -110,8 +114,8 @@ def test_csv_categories_come_from_the_training_split_only(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     for seed in range(6):
         data = load_csv(tmp_path, path, categorical=["color"], seed=seed).data
-        in_train = 59 in data_stages.split_indices(60, np.arange(60) % 2, 0.15, 0.15, seed,
-                                                   True)["train"]
+        in_train = 59 in split_indices(60, np.arange(60) % 2, 0.15, 0.15, seed,
+                                       True)["train"]
         assert ("violet" in data.preprocessing.categories["color"]) == in_train
 
 
@@ -151,10 +155,10 @@ def test_csv_path_is_found_next_to_the_spec(tmp_path, monkeypatch):
     spec.write_text("name: p\n")
     monkeypatch.chdir(tmp_path)
     ctx = make_ctx(tmp_path, spec_source=str(spec))
-    data_stages.csv_table(ctx, CsvParams(path="shop.csv", label="kind", categorical=["color"]))
+    csv_table(ctx, CsvParams(path="shop.csv", label="kind", categorical=["color"]))
     assert ctx.data.preprocessing.source == str(tmp_path / "specs" / "shop.csv")
     with pytest.raises(DlpipeError) as info:
-        data_stages.csv_table(ctx, CsvParams(path="shops.csv", label="kind"))
+        csv_table(ctx, CsvParams(path="shops.csv", label="kind"))
     assert str(info.value) == (
         f"CSV file not found: shops.csv (looked for {tmp_path / 'shops.csv'} or "
         f"{tmp_path / 'specs' / 'shops.csv'}); did you mean: shop.csv?"
@@ -256,7 +260,7 @@ def write_texts(root: Path, per_class: int = 6) -> Path:
 
 def load_texts(tmp_path: Path, root: Path, **params: Any) -> Any:
     ctx = make_ctx(tmp_path)
-    data_stages.text_directory(ctx, TextDirectoryParams(path=str(root), **params))
+    text_directory(ctx, TextDirectoryParams(path=str(root), **params))
     return ctx
 
 
@@ -268,7 +272,7 @@ def test_text_directory_reads_classes_and_tokenizes_per_character(tmp_path, caps
     (root / "snow" / "LOUD.TXT").write_text("COLD ICE")
     ctx = load_texts(tmp_path, root, lowercase=True, val_fraction=0.2, test_fraction=0.2)
     data = ctx.data
-    assert isinstance(data, sd.TextClassBundle)
+    assert isinstance(data, TextClassBundle)
     assert data.class_names == ["rain", "snow", "sun"] and data.num_classes == 3
     assert sum(data.size(s) for s in ("train", "val", "test")) == 19
     texts = [t for s in ("train", "val", "test") for t in data.texts[s]]
@@ -290,9 +294,9 @@ def test_text_directory_reads_classes_and_tokenizes_per_character(tmp_path, caps
 def test_the_tokenizer_re_tokenizes_text_folders(tmp_path, capsys):
     ctx = load_texts(tmp_path, write_texts(tmp_path / "texts"))
     char = ctx.data
-    sd.tokenizer(ctx, TokenizerParams(level="subword", vocab_size=40))
+    tokenizer(ctx, TokenizerParams(level="subword", vocab_size=40))
     sub = ctx.data
-    assert isinstance(sub, sd.TextClassBundle) and sub.vocab.level == "subword"
+    assert isinstance(sub, TextClassBundle) and sub.vocab.level == "subword"
     assert sub.texts == char.texts and sub.class_names == char.class_names
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(sub.y[split], char.y[split])
@@ -300,13 +304,13 @@ def test_the_tokenizer_re_tokenizes_text_folders(tmp_path, capsys):
     assert [sub.vocab.decode(ids) for ids in sub.x["test"]] == sub.texts["test"]
     assert "subword tokens, vocab 40" in capsys.readouterr().out
     with pytest.raises(DlpipeError) as info:
-        sd.tokenizer(ctx, TokenizerParams(apply_to="target"))
+        tokenizer(ctx, TokenizerParams(apply_to="target"))
     assert str(info.value) == (
         "stage 'tokenize': apply_to: target re-tokenizes target texts, but 'texts' is text "
         "classification data, which has none; use apply_to: source (or both)")
     ctx = load_csv(tmp_path, write_table(tmp_path), features=["size", "price"])
     with pytest.raises(DlpipeError) as info:
-        sd.tokenizer(ctx, TokenizerParams())
+        tokenizer(ctx, TokenizerParams())
     assert str(info.value) == (
         "stage 'tokenize': the tokenizer needs a data stage of texts before it (seq_addition, "
         "seq_dates, seq_reverse, seq_sort, seq_arith_check or text_directory)")
@@ -380,15 +384,15 @@ def test_csv_wine_pipeline_serves_raw_rows_through_its_preprocessing(workdir):
     assert run.data.metrics["test_accuracy"] >= 0.8
     assert "plots/confusion_matrix.png" in {a.path for a in client.list_artifacts(rid, "plots")}
     saved = client.download_artifacts(rid, "preprocessing/preprocessing.json", str(workdir))
-    prep = data_stages.TablePreprocessing.from_dict(json.loads(Path(saved).read_text()))
+    prep = TablePreprocessing.from_dict(json.loads(Path(saved).read_text()))
     assert prep.label == "cultivar" and len(prep.columns) == 13
     assert prep.class_names == ["class_0", "class_1", "class_2"]
 
     # Raw CSV rows of the test split, encoded by the logged record, score as evaluated.
-    header, rows = data_stages.read_csv(REPO / "data" / "wine.csv")
+    header, rows = read_csv(REPO / "data" / "wine.csv")
     names = [r[-1] for r in rows]
     y = np.asarray([prep.class_names.index(n) for n in names])
-    test = data_stages.split_indices(len(rows), y, 0.2, 0.2, 42, True)["test"]
+    test = split_indices(len(rows), y, 0.2, 0.2, 42, True)["test"]
     raw = [dict(zip(header, rows[i], strict=True)) for i in test]
     probs = np.asarray(_model(client, run, workdir).predict(prep.encode(raw), verbose=0))
     accuracy = float(np.mean(probs.argmax(axis=1) == y[test]))
@@ -407,11 +411,11 @@ def test_text_topics_pipeline_classifies_the_text_folder(workdir):
     vocab_file = client.download_artifacts(rid, "vocab/vocab.json", str(workdir))
     doc = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
     assert doc["classes"] == ["cooking", "sports", "weather"]
-    vocab = sd.Vocabulary.from_dict(doc["source"])
+    vocab = Vocabulary.from_dict(doc["source"])
     assert vocab.level == "subword"
 
     # A new text, tokenized with the logged vocabulary, gets class probabilities.
     model = _model(client, run, workdir)
-    ids = sd.encode_texts(["fry the carrots in butter."], vocab, int(model.max_length), end=False)
+    ids = encode_texts(["fry the carrots in butter."], vocab, int(model.max_length), end=False)
     probs = np.asarray(model.predict(ids, verbose=0))
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-4)

@@ -19,7 +19,7 @@ def load_digits():
     """The digits split exactly as the spec's data stage makes it (same seed)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dlpipe.stages.data import DigitsParams
-    from dlpipe.stages.data.loaders import sklearn_digits
+    from dlpipe.stages.data.sklearn import sklearn_digits
 
     ctx = types.SimpleNamespace(seed=SEED, data=None, extras={})
     sklearn_digits(ctx, DigitsParams(val_fraction=0.15, test_fraction=0.15))

@@ -1,7 +1,7 @@
 """Image-caption pairs for the multimodal models (``clip``, ``captioner``).
 
-The ``captions`` data stage writes one short caption for every image, deterministically
-from a seed (no network, no files):
+One short caption for every image, written deterministically from a seed (no network,
+no files):
 
 * ``source: digits``: scikit-learn's 8x8 handwritten digits (optionally resized), each
   captioned from a template picked at random per image: ``"a handwritten seven"``,
@@ -17,8 +17,9 @@ prompts (``"a photo of the number {digit}"``).
 
 Captions become token ids here: word level by default (a caption is a handful of
 words; a word vocabulary is natural) or character level, the vocabulary learned from
-the training split and logged as the ``vocab/vocab.json`` artifact. The result is a
-:class:`CaptionBundle`; see :meth:`CaptionBundle.dataset` for what models train on.
+the training split (:func:`save_caption_vocabulary` writes it as JSON). The result is a
+:class:`CaptionBundle`; see :meth:`CaptionBundle.examples` for what models train on.
+The ``captions`` data stage is :mod:`dlpipe.stages.captions.stage`.
 
 NumPy only at import; TensorFlow is imported inside :meth:`CaptionBundle.dataset` (and
 by the image resize of the digits source).
@@ -27,22 +28,23 @@ by the image resize of the digits source).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from dlpipe.data import SPLITS, DataBundle
-from dlpipe.datasets.sequences import (
+from dlpipe.data import SPLITS, DataBundle, resize_images, split_indices
+from dlpipe.data import normalize as normalize_images
+from dlpipe.datasets.vocab import (
     END_ID,
     PAD_ID,
-    SPECIALS,
     START_ID,
     UNK_ID,
     Vocabulary,
     char_vocabulary,
+    word_vocabulary,
 )
 from dlpipe.errors import DlpipeError
 
@@ -55,26 +57,8 @@ SHAPE_TEMPLATES = ("a {color} {shape}",)
 
 
 # --------------------------------------------------------------------------------------
-# Word vocabulary
+# Tokens
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class WordVocabulary(Vocabulary):
-    """A :class:`~dlpipe.datasets.sequences.Vocabulary` whose tokens are words
-    (split on whitespace); :meth:`decode` joins them with single spaces."""
-
-    level: str = "word"
-    separator: ClassVar[str] = " "
-
-    def split(self, text: str) -> list[str]:
-        return text.split()
-
-
-def word_vocabulary(texts: Iterable[str]) -> WordVocabulary:
-    """Every word of ``texts``, sorted, after the special tokens."""
-    words = sorted({w for t in texts for w in t.split()})
-    return WordVocabulary([*SPECIALS, *words], "word")
 
 
 def caption_vocabulary(texts: Sequence[str], level: str = "word") -> Vocabulary:
@@ -83,13 +67,6 @@ def caption_vocabulary(texts: Sequence[str], level: str = "word") -> Vocabulary:
     if level == "char":
         return char_vocabulary(texts)
     raise DlpipeError(f"captions: unknown tokenizer {level!r} (word or char)")
-
-
-def vocabulary_from_dict(doc: dict[str, Any]) -> Vocabulary:
-    """The vocabulary saved by :func:`save_caption_vocabulary` (its ``captions`` entry)."""
-    if doc.get("level") == "word":
-        return WordVocabulary(list(doc["tokens"]), "word")
-    return Vocabulary.from_dict(doc)
 
 
 def encode_captions(texts: Sequence[str], vocab: Vocabulary, length: int) -> np.ndarray:
@@ -299,9 +276,6 @@ def make_bundle(
 
     ``caption_length`` (token positions, ``END`` included; default: the longest caption's)
     leaves room for longer zero-shot prompts."""
-    from dlpipe.stages.data.loaders import normalize as normalize_images
-    from dlpipe.stages.data.loaders import split_indices
-
     parts = split_indices(len(images), labels, val_fraction, test_fraction, seed, stratify,
                           source=name)
     xs = {s: images[idx] for s, idx in parts.items()}
@@ -346,8 +320,6 @@ def digits_bundle(
     if limit is not None:
         x, y = x[:limit], y[:limit]
     if image_size is not None:
-        from dlpipe.stages.data.loaders import resize_images
-
         x = resize_images(x, tuple(image_size))  # type: ignore[arg-type]
     captions = digit_captions(y, templates, seed)
     return make_bundle("captions_digits", x, y, captions, [str(d) for d in range(10)],
@@ -401,43 +373,3 @@ def save_caption_vocabulary(bundle: CaptionBundle, path: Path) -> Path:
     }
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
     return path
-
-
-def load_caption_vocabulary(path: str | Path) -> Vocabulary:
-    return vocabulary_from_dict(json.loads(Path(path).read_text(encoding="utf-8"))["captions"])
-
-
-# --------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------
-
-
-def captions(ctx: Any, params: Any) -> None:
-    """The ``captions`` data stage (see the module docstring)."""
-    seed = int(params.seed if params.seed is not None else ctx.seed)
-    common = dict(
-        val_fraction=params.val_fraction, test_fraction=params.test_fraction,
-        stratify=params.stratify, normalize=params.normalize,
-        value_range=tuple(params.value_range), tokenizer=params.tokenizer, seed=seed,
-        caption_length=params.caption_length,
-    )
-    if params.source == "digits":
-        templates = params.templates or list(DIGIT_TEMPLATES)
-        bundle = digits_bundle(params.image_size, templates, params.limit, **common)
-    else:
-        templates = params.templates or list(SHAPE_TEMPLATES)
-        n = params.n if params.limit is None else min(params.n, params.limit)
-        bundle = shapes_bundle(
-            n, params.size, params.label, templates, (1, params.max_objects),
-            params.min_size, params.max_size, params.noise, params.background, **common,
-        )
-    ctx.data = bundle
-    ctx.extras["data"] = bundle.describe()
-    ctx.log_artifact(save_caption_vocabulary(bundle, Path(ctx.run_dir) / "vocab" / "vocab.json"),
-                     "vocab")
-    sizes = "/".join(str(bundle.size(s)) for s in SPLITS)
-    shown = ", ".join(repr(t) for t in bundle.texts["train"][:3])
-    assert bundle.vocab is not None
-    print(f"data: {bundle.name} {sizes} train/val/test, images {bundle.input_shape}, "
-          f"{bundle.num_classes} classes, {bundle.vocab.level} vocab {bundle.vocab.size}, "
-          f"caption length {bundle.caption_length}; e.g. {shown}")

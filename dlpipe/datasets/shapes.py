@@ -2,20 +2,15 @@
 
 No download and no TensorFlow: :func:`generate_scenes` paints each image with NumPy
 from its own ``(seed, index)`` random stream, so the same seed always gives the same
-images, masks, boxes and captions, on any machine. Three data stages use it:
-
-- ``shapes``: one shape per image, labelled by shape, colour, or both (classification);
-- ``shapes_segmentation``: several shapes per image on a noisy background, with a
-  per-pixel class mask (0 is background, ``1 + shape index`` otherwise);
-- ``shapes_detection``: several shapes per image with boxes, as a padded
-  ``(n, max_objects, 5)`` array of ``[class, x_min, y_min, x_max, y_max]`` rows
-  (coordinates in ``[0, 1]``; padding rows have class ``-1``).
+images, masks, boxes and captions, on any machine. A scene's mask has 0 for the
+background and ``1 + shape index`` elsewhere; :meth:`Scenes.boxes` gives padded
+``(n, max_objects, 5)`` rows ``[class, x_min, y_min, x_max, y_max]`` (coordinates in
+``[0, 1]``; padding rows have class ``-1``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -147,75 +142,3 @@ def generate_scenes(
         images[i] = np.clip(image, 0.0, 1.0)
         scenes.append(scene)
     return Scenes(images=images, masks=masks, scenes=scenes)
-
-
-# --------------------------------------------------------------------------- stages
-
-
-def _balanced(n: int, k: int, seed: int) -> np.ndarray:
-    labels = np.arange(n) % k
-    return np.random.default_rng(seed).permutation(labels)
-
-
-def shapes(ctx: Any, params: Any) -> None:
-    """One shape per image; the label is its shape, its colour, or both."""
-    from dlpipe.stages.data.loaders import _finish
-
-    seed = params.seed if params.seed is not None else ctx.seed
-    first = _balanced(params.n, len(SHAPES), seed)
-    out = generate_scenes(
-        params.n,
-        size=params.size,
-        objects=(1, 1),
-        min_frac=params.min_size,
-        max_frac=params.max_size,
-        noise=params.noise,
-        background=params.background,
-        seed=seed,
-        shapes=first,
-    )
-    shape_ids = np.asarray([s.shapes[0] for s in out.scenes], dtype=np.int32)
-    color_ids = np.asarray([s.colors[0] for s in out.scenes], dtype=np.int32)
-    if params.label == "shape":
-        y, names = shape_ids, list(SHAPES)
-    elif params.label == "color":
-        y, names = color_ids, list(COLORS)
-    else:
-        y = shape_ids * len(COLORS) + color_ids
-        names = [f"{c} {s}" for s in SHAPES for c in COLORS]
-    _finish(ctx, params, "shapes", out.images, y, "classification", names, resize=False)
-
-
-def _scenes(ctx: Any, params: Any) -> Scenes:
-    """Several shapes per image on random grey backgrounds, as the scene stages use."""
-    return generate_scenes(
-        params.n,
-        size=params.size,
-        objects=(params.min_objects, params.max_objects),
-        min_frac=params.min_size,
-        max_frac=params.max_size,
-        noise=params.noise,
-        background="random",
-        seed=params.seed if params.seed is not None else ctx.seed,
-    )
-
-
-def shapes_segmentation(ctx: Any, params: Any) -> None:
-    """Several shapes on a noisy background, with per-pixel class masks."""
-    from dlpipe.stages.data.loaders import _finish
-
-    out = _scenes(ctx, params)
-    names = ["background", *SHAPES]
-    bundle = _finish(ctx, params, "shapes_segmentation", out.images, out.masks, "segmentation",
-                     names, resize=False)
-    bundle.num_classes = len(names)
-
-
-def shapes_detection(ctx: Any, params: Any) -> None:
-    """Several shapes per image with class boxes (padded rows of class -1)."""
-    from dlpipe.stages.data.loaders import _finish
-
-    out = _scenes(ctx, params)
-    bundle = _finish(ctx, params, "shapes_detection", out.images, out.boxes(params.max_objects),
-                     "detection", list(SHAPES), resize=False)
-    bundle.num_classes = len(SHAPES)

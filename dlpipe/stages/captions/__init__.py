@@ -1,8 +1,8 @@
 """The ``captions`` data stage: image-caption pairs generated from a seed.
 
-The generators are in :mod:`dlpipe.datasets.captions`.
-This module declares its parameters and registers ``"module:function"`` strings, so
-importing it loads neither Keras nor TensorFlow.
+The stage function is in :mod:`dlpipe.stages.captions.stage`, the generators in
+:mod:`dlpipe.datasets.captions`. This module declares the parameters and registers
+``"module:function"`` strings, so importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -65,5 +65,5 @@ class CaptionsParams(SplitParams):
 
 @hookimpl
 def register_stages(register):
-    register("data", "captions", "dlpipe.datasets.captions:captions", CaptionsParams,
+    register("data", "captions", "dlpipe.stages.captions.stage:captions", CaptionsParams,
              "Image-caption pairs (captioned digits or shapes), word tokens, class labels.")

@@ -1,5 +1,10 @@
 """Built-in data stages: embedded scikit-learn data, local files (arrays, CSV tables,
-folders of images or text), keras.datasets."""
+folders of images or text), keras.datasets, the XOR problem.
+
+This module declares the parameters and registers ``"module:function"`` strings; the
+stage functions are in the package's modules, so importing it loads neither Keras nor
+TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -154,24 +159,22 @@ class TextDirectoryParams(FractionParams):
     )
 
 
-
-
 @hookimpl
 def register_stages(register):
-    register("data", "sklearn_digits", "dlpipe.stages.data.loaders:sklearn_digits", DigitsParams,
+    register("data", "sklearn_digits", "dlpipe.stages.data.sklearn:sklearn_digits", DigitsParams,
              "Embedded 8x8 handwritten digits from scikit-learn (no network).")
-    register("data", "sklearn_iris", "dlpipe.stages.data.loaders:sklearn_iris", IrisParams,
+    register("data", "sklearn_iris", "dlpipe.stages.data.sklearn:sklearn_iris", IrisParams,
              "Embedded iris table from scikit-learn (no network).")
-    register("data", "npz", "dlpipe.stages.data.loaders:npz", NpzParams, "Arrays from a local .npz file.")
-    register("data", "image_directory", "dlpipe.stages.data.loaders:image_directory", ImageDirectoryParams,
+    register("data", "npz", "dlpipe.stages.data.files:npz", NpzParams, "Arrays from a local .npz file.")
+    register("data", "image_directory", "dlpipe.stages.data.files:image_directory", ImageDirectoryParams,
              "A folder of class sub-folders of images.")
-    register("data", "keras_dataset", "dlpipe.stages.data.loaders:keras_dataset", KerasDatasetParams,
+    register("data", "keras_dataset", "dlpipe.stages.data.keras_datasets:keras_dataset", KerasDatasetParams,
              "mnist, fashion_mnist or cifar10 via keras.datasets (network or cache).")
-    register("data", "xor", "dlpipe.stages.data.loaders:xor", XorParams,
+    register("data", "xor", "dlpipe.stages.data.xor:xor", XorParams,
              "The XOR problem: four corners (optionally noisy) or a noisy cloud.")
-    register("data", "csv", "dlpipe.stages.data.loaders:csv_table", CsvParams,
+    register("data", "csv", "dlpipe.stages.data.tables:csv_table", CsvParams,
              "A CSV table: numeric columns standardized, categorical columns one-hot encoded; "
              "classification or regression.")
-    register("data", "text_directory", "dlpipe.stages.data.loaders:text_directory", TextDirectoryParams,
+    register("data", "text_directory", "dlpipe.stages.data.texts:text_directory", TextDirectoryParams,
              "A folder of class sub-folders of .txt files (text classification, character "
              "tokens; a tokenize stage may re-tokenize them).")

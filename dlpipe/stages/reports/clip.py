@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.datasets.captions import CaptionBundle, encode_captions, prompt_texts
-from dlpipe.datasets.sequences import UNK_ID
+from dlpipe.datasets.vocab import UNK_ID
 from dlpipe.errors import DlpipeError
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure
 

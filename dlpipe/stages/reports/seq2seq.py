@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.datasets.sequences import PAD_ID, SeqBundle
+from dlpipe.datasets.bundles import SeqBundle
+from dlpipe.datasets.vocab import PAD_ID
 from dlpipe.errors import DlpipeError
 from dlpipe.models.decoding import beam_search, greedy_decode, sequence_scores
 from dlpipe.plotting import learning_curves_figure

@@ -1,9 +1,9 @@
 """Sequence data stages (addition, dates, reverse, sort, arithmetic checks) and the
 ``tokenize`` stage.
 
-The generators and vocabularies are in :mod:`dlpipe.datasets.sequences`.
-This module declares its parameters and registers ``"module:function"`` strings, so
-importing it loads neither Keras nor TensorFlow.
+The stage functions are in :mod:`dlpipe.stages.sequences.stage`, the generators in
+:mod:`dlpipe.datasets.sequences`. This module declares the parameters and registers
+``"module:function"`` strings, so importing it loads neither Keras nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -131,18 +131,18 @@ class TokenizerParams(Params):
 
 @hookimpl
 def register_stages(register):
-    register("data", "seq_addition", "dlpipe.datasets.sequences:addition", AdditionParams,
+    register("data", "seq_addition", "dlpipe.stages.sequences.stage:addition", AdditionParams,
              "Procedural addition problems ('535+61' -> '596'), character tokens.")
-    register("data", "seq_dates", "dlpipe.datasets.sequences:dates", DatesParams,
+    register("data", "seq_dates", "dlpipe.stages.sequences.stage:dates", DatesParams,
              "Dates in mixed human formats -> ISO 'YYYY-MM-DD', character tokens.")
-    register("data", "seq_reverse", "dlpipe.datasets.sequences:reverse", ReverseParams,
+    register("data", "seq_reverse", "dlpipe.stages.sequences.stage:reverse", ReverseParams,
              "Random strings -> reversed (or copied), character tokens.")
-    register("data", "seq_sort", "dlpipe.datasets.sequences:sort", SortParams,
+    register("data", "seq_sort", "dlpipe.stages.sequences.stage:sort", SortParams,
              "Random strings -> their symbols sorted, character tokens.")
-    register("data", "seq_arith_check", "dlpipe.datasets.sequences:arith_check", ArithCheckParams,
+    register("data", "seq_arith_check", "dlpipe.stages.sequences.stage:arith_check", ArithCheckParams,
              "Right vs wrong equations ('35+61=96' / '35+61=97'), character tokens, "
              "balanced binary labels (text classification).")
-    register("tokenize", "tokenizer", "dlpipe.datasets.sequences:tokenizer", TokenizerParams,
+    register("tokenize", "tokenizer", "dlpipe.stages.sequences.stage:tokenizer", TokenizerParams,
              "Re-tokenize sequence or text classification data (char or learned subword "
              "BPE); logs the vocabulary.",
              needs=("data",), provides=("data",))

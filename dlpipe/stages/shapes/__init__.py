@@ -1,7 +1,8 @@
 """Procedural shapes datasets (classification, segmentation, detection): no network.
 
-The generator is :mod:`dlpipe.datasets.shapes`; images are drawn at ``size`` directly,
-deterministically from the split seed (default: the pipeline's seed).
+The stage functions are in :mod:`dlpipe.stages.shapes.stage`, the generator in
+:mod:`dlpipe.datasets.shapes`; images are drawn at ``size`` directly, deterministically
+from the split seed (default: the pipeline's seed).
 """
 
 from __future__ import annotations
@@ -51,13 +52,11 @@ class ShapesSceneParams(ShapesBase):
         return self
 
 
-
-
 @hookimpl
 def register_stages(register):
-    register("data", "shapes", "dlpipe.datasets.shapes:shapes", ShapesParams,
+    register("data", "shapes", "dlpipe.stages.shapes.stage:shapes", ShapesParams,
              "Procedural coloured circles, squares and triangles (classification).")
-    register("data", "shapes_segmentation", "dlpipe.datasets.shapes:shapes_segmentation", ShapesSceneParams,
+    register("data", "shapes_segmentation", "dlpipe.stages.shapes.stage:shapes_segmentation", ShapesSceneParams,
              "Procedural shapes on noisy backgrounds with per-pixel masks (segmentation).")
-    register("data", "shapes_detection", "dlpipe.datasets.shapes:shapes_detection", ShapesSceneParams,
+    register("data", "shapes_detection", "dlpipe.stages.shapes.stage:shapes_detection", ShapesSceneParams,
              "Procedural shapes with class boxes (detection).")
