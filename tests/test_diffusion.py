@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.ddpm import DDPMParams  # noqa: E402
 from dlpipe.models.ddpm import model as diffusion  # noqa: E402
-from dlpipe.models.ddpm.model import NoiseSchedule  # noqa: E402
+from dlpipe.models.ddpm import schedule as ddpm_schedule  # noqa: E402
+from dlpipe.models.ddpm import unet as ddpm_unet  # noqa: E402
+from dlpipe.models.ddpm.schedule import NoiseSchedule  # noqa: E402
 from dlpipe.models.latent_diffusion import LatentDiffusionParams, SourceModel  # noqa: E402
 from dlpipe.models.latent_diffusion import model as latent_diffusion  # noqa: E402
 
@@ -87,17 +89,17 @@ def test_forward_process_at_the_last_step_is_standard_normal(kind):
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(x0.shape).astype("float32")
     last = np.full(len(x0), 999)
-    x_T = as_np(diffusion.q_sample(schedule, x0, last, noise))
+    x_T = as_np(ddpm_schedule.q_sample(schedule, x0, last, noise))
     assert x_T.mean() == pytest.approx(0.0, abs=0.01)
     assert x_T.var() == pytest.approx(1.0, abs=0.01)
     # ... and independent of the image: the signal is gone
     assert abs(np.corrcoef(x0.ravel(), x_T.ravel())[0, 1]) < 0.02
     # at the first step the sample is still (almost) the image
-    x_1 = as_np(diffusion.q_sample(schedule, x0, np.zeros(len(x0)), noise))
+    x_1 = as_np(ddpm_schedule.q_sample(schedule, x0, np.zeros(len(x0)), noise))
     assert np.corrcoef(x0.ravel(), x_1.ravel())[0, 1] > 0.99
     # per-example timesteps: each row uses its own alpha_bar
     t = np.array([0, 500, 999])
-    x_t = as_np(diffusion.q_sample(schedule, x0[:3], t, noise[:3]))
+    x_t = as_np(ddpm_schedule.q_sample(schedule, x0[:3], t, noise[:3]))
     ab = schedule.alpha_bars[t].reshape(3, 1, 1, 1)
     np.testing.assert_allclose(
         x_t, np.sqrt(ab) * x0[:3] + np.sqrt(1 - ab) * noise[:3], rtol=1e-4, atol=1e-5
@@ -128,7 +130,7 @@ def test_schedules_are_monotone_with_alpha_bar_in_the_unit_interval(kind, timest
 
 def test_sinusoidal_time_embedding_values():
     t = np.array([[0], [1], [7]], dtype="int32")
-    emb = as_np(diffusion.SinusoidalEmbedding(8)(t))
+    emb = as_np(ddpm_unet.SinusoidalEmbedding(8)(t))
     assert emb.shape == (3, 8)
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
     freqs = 10000.0 ** (-np.arange(4) / 4)  # 1, 0.1, 0.01, 0.001
@@ -138,7 +140,7 @@ def test_sinusoidal_time_embedding_values():
     np.testing.assert_allclose(emb[2, 4], np.cos(7.0), rtol=1e-5)
     assert np.all(np.abs(emb) <= 1.0)
     with pytest.raises(ValueError, match="even"):
-        diffusion.SinusoidalEmbedding(5)
+        ddpm_unet.SinusoidalEmbedding(5)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,18 +156,18 @@ def test_ddim_with_every_step_and_eta_1_is_ddpm_step_by_step():
     noise = rng.standard_normal((6, 5))
     for t in (39, 20, 1, 0):
         for clip in (None, 1.0):
-            a = diffusion.ddpm_step(s, x_t, eps, t, noise, clip)
-            b = diffusion.ddim_step(s, x_t, eps, t, t - 1, 1.0, noise, clip)
+            a = ddpm_schedule.ddpm_step(s, x_t, eps, t, noise, clip)
+            b = ddpm_schedule.ddim_step(s, x_t, eps, t, t - 1, 1.0, noise, clip)
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     # eta = 0 is deterministic; the last step returns the x0 estimate itself
     assert np.allclose(
-        diffusion.ddim_step(s, x_t, eps, 5, 2, 0.0, noise),
-        diffusion.ddim_step(s, x_t, eps, 5, 2, 0.0, -noise),
+        ddpm_schedule.ddim_step(s, x_t, eps, 5, 2, 0.0, noise),
+        ddpm_schedule.ddim_step(s, x_t, eps, 5, 2, 0.0, -noise),
     )
-    x0 = diffusion.predict_x0(x_t, eps, s.alpha_bars[3], None)
-    np.testing.assert_allclose(diffusion.ddim_step(s, x_t, eps, 3, -1, 0.0, noise, None), x0)
-    assert diffusion.sampling_timesteps("ddim", 1000, 5) == [999, 749, 500, 250, 0]
-    assert diffusion.sampling_timesteps("ddpm", 4, 2) == [3, 2, 1, 0]
+    x0 = ddpm_schedule.predict_x0(x_t, eps, s.alpha_bars[3], None)
+    np.testing.assert_allclose(ddpm_schedule.ddim_step(s, x_t, eps, 3, -1, 0.0, noise, None), x0)
+    assert ddpm_schedule.sampling_timesteps("ddim", 1000, 5) == [999, 749, 500, 250, 0]
+    assert ddpm_schedule.sampling_timesteps("ddpm", 4, 2) == [3, 2, 1, 0]
 
 
 def test_samplers_agree_and_produce_images_in_the_data_range():

@@ -15,9 +15,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.autoencoder import AutoencoderParams  # noqa: E402
 from dlpipe.models.autoencoder import model as autoencoder  # noqa: E402
+from dlpipe.models.autoencoder import plots as autoencoder_plots  # noqa: E402
 from dlpipe.models.common import set_loss_weights  # noqa: E402
 from dlpipe.models.gan import CGANParams, GANParams  # noqa: E402
 from dlpipe.models.gan import model as gan  # noqa: E402
+from dlpipe.models.gan import plots as gan_plots  # noqa: E402
 from dlpipe.models.wgan_gp import WGANGPParams  # noqa: E402
 from dlpipe.models.wgan_gp import model as wgan_gp  # noqa: E402
 
@@ -235,7 +237,7 @@ def test_sample_grid_callback_logs_fixed_noise_grids():
         ("samples", "samples_epoch_004.png"),
     ]
     assert not np.allclose(model.sample_grid()[0], first)  # training changed them
-    assert dict(gan.plots(None, model, data)).keys() == {"samples.png", "scores.png"}
+    assert dict(gan_plots.plots(None, model, data)).keys() == {"samples.png", "scores.png"}
     model.sample_every = 0
     assert gan.callbacks(context, model, data) == []
 
@@ -303,7 +305,7 @@ def test_autoencoder_loss_is_the_weighted_reconstruction_error():
 def test_autoencoder_plots_use_pca_for_wide_latents(tmp_path):
     data = make_data(value_range=(0.0, 1.0))
     model = compiled(autoencoder.build, AutoencoderParams(hidden=[8], latent_dim=3), data)
-    figures = dict(autoencoder.plots(None, model, data))
+    figures = dict(autoencoder_plots.plots(None, model, data))
     assert set(figures) == {"reconstructions.png", "latent_scatter.png"}
     scatter = figures["latent_scatter.png"]
     assert scatter.axes[0].get_xlabel().startswith("PC 1")

@@ -63,7 +63,7 @@ def raw_digits_test(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the digits run, as load_digits has it: 8x8, values 0..16."""
     from sklearn.datasets import load_digits
 
-    from dlpipe.stages.data.loaders import split_indices
+    from dlpipe.data import split_indices
 
     digits = load_digits()
     x, y = digits.images[:360][..., None], digits.target[:360]  # float64, as sklearn has it
@@ -158,7 +158,7 @@ def raw_iris_test(ctx):
     import pandas as pd
     from sklearn.datasets import load_iris
 
-    from dlpipe.stages.data.loaders import split_indices
+    from dlpipe.data import split_indices
 
     iris = load_iris()
     test = split_indices(150, iris.target, 0.15, 0.15, 5, True)["test"]

@@ -281,7 +281,7 @@ stages:
 @pytest.mark.slow
 def test_nan_guard_fails_a_gan_run_on_d_loss(monkeypatch, workdir, float32_policy):
     # The data stages refuse NaN input; let one through to reach the training guard.
-    monkeypatch.setattr("dlpipe.stages.data.loaders.check_arrays", lambda *a, **k: None)
+    monkeypatch.setattr("dlpipe.datacheck.check_arrays", lambda *a, **k: None)
     from dlpipe.engine import run_pipeline
     from dlpipe.plugins import load_plugins
     from dlpipe.spec import load_yaml, validate

@@ -16,6 +16,7 @@ from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.common import make_loss_weights, replica_scaled, set_loss_weights  # noqa: E402
 from dlpipe.models.vae import VAEParams  # noqa: E402
 from dlpipe.models.vae import model as vae  # noqa: E402
+from dlpipe.models.vae import plots as vae_plots  # noqa: E402
 
 DENSE = VAEParams(hidden=[16, 8], latent_dim=2)
 CONV = VAEParams(encoder="conv", hidden=[8, 16], latent_dim=2)
@@ -147,7 +148,7 @@ def test_save_and_load_give_same_predictions(trained, data, tmp_path):
 @pytest.mark.parametrize("latent_dim", [2, 3])
 def test_plots(latent_dim, data):
     model = build(VAEParams(hidden=[16, 8], latent_dim=latent_dim), data)
-    figures = dict(vae.plots(None, model, data))
+    figures = dict(vae_plots.plots(None, model, data))
     expected = {"reconstructions.png", "latent_scatter.png", "samples.png"}
     expected.add("latent_traversal.png")
     if latent_dim == 2:
@@ -162,7 +163,7 @@ def test_plots_without_labels_or_images():
     data = make_data((12,), n=8)
     data.y = {s: None for s in data.y}
     model = build(VAEParams(hidden=[8], latent_dim=1), data)
-    assert [name for name, _ in vae.plots(None, model, data)] == ["latent_scatter.png"]
+    assert [name for name, _ in vae_plots.plots(None, model, data)] == ["latent_scatter.png"]
 
 
 def test_builds_are_reproducible(data):

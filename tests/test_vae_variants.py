@@ -18,8 +18,10 @@ from dlpipe.data import DataBundle  # noqa: E402
 from dlpipe.models.common import set_loss_weights  # noqa: E402
 from dlpipe.models.cvae import CVAEParams  # noqa: E402
 from dlpipe.models.cvae import model as cvae  # noqa: E402
+from dlpipe.models.cvae import plots as cvae_plots  # noqa: E402
 from dlpipe.models.vae import VAEParams  # noqa: E402
 from dlpipe.models.vae import model as vae  # noqa: E402
+from dlpipe.models.vae import plots as vae_plots  # noqa: E402
 
 TINY = {"hidden": [16, 8], "latent_dim": 3}
 
@@ -148,7 +150,7 @@ def test_kl_warmup_callback_sets_the_weight_each_epoch(conditional, data):
 
 def test_traversal_latents_vary_one_dimension_per_row():
     values = np.linspace(-3, 3, 5, dtype="float32")
-    z = vae.traversal_latents(6, [4, 1], values).reshape(2, 5, 6)
+    z = vae_plots.traversal_latents(6, [4, 1], values).reshape(2, 5, 6)
     np.testing.assert_array_equal(z[0, :, 4], values)
     np.testing.assert_array_equal(z[1, :, 1], values)
     assert np.count_nonzero(z[0][:, [0, 1, 2, 3, 5]]) == 0
@@ -157,9 +159,9 @@ def test_traversal_latents_vary_one_dimension_per_row():
 
 def test_traversal_rows_are_the_most_used_dimensions(data):
     model = compiled(vae.build, VAEParams(hidden=[16, 8], latent_dim=10), data)
-    kl = vae.latent_activity(model, data.x["test"])
+    kl = vae_plots.latent_activity(model, data.x["test"])
     assert kl.shape == (10,) and np.all(kl >= 0)
-    fig = vae.plot_latent_traversal(model, data.x["test"], steps=5)
+    fig = vae_plots.plot_latent_traversal(model, data.x["test"], steps=5)
     assert isinstance(fig, Figure)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == 8  # at most 8 rows
@@ -225,7 +227,7 @@ def test_cvae_grid_has_one_row_per_class_with_shared_z_per_column(trained_cvae):
 
 
 def test_cvae_plots(trained_cvae, data):
-    figures = dict(cvae.plots(None, trained_cvae, data))
+    figures = dict(cvae_plots.plots(None, trained_cvae, data))
     assert set(figures) == {
         "reconstructions.png",
         "samples_by_class.png",

@@ -1,7 +1,9 @@
-"""Image-grid figures shared by the generative models (autoencoder, GANs).
+"""Image grids and data accessors shared by the generative models.
 
-Only NumPy and matplotlib: figures are bare ``matplotlib.figure.Figure`` objects (no
-pyplot state, no GUI backend), which ``RunContext.log_figure`` saves as PNG.
+Figures are bare ``matplotlib.figure.Figure`` objects (no pyplot state, no GUI
+backend), which ``RunContext.log_figure`` saves as PNG. Importing this module loads
+neither Keras nor matplotlib (report stages import it at module level); the functions
+that need them import them when called.
 """
 
 from __future__ import annotations
@@ -11,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.errors import DlpipeError
+
 MAX_INCHES = 8.0
+
+#: A sample grid: ``(images, columns, row labels or None)``.
+SampleSet = tuple[np.ndarray, int, Sequence[str] | None]
+
+
+class ConfigError(DlpipeError, ValueError):
+    """A model setting that the spec's data cannot support (an image side that does
+    not divide, missing class labels). A ``ValueError`` too, for callers that catch
+    those."""
 
 
 def figure(width: float, height: float) -> Any:
@@ -107,12 +120,71 @@ def predict_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int =
     return np.concatenate([ops.convert_to_numpy(o) for o in outputs])
 
 
+def sample_grid_figure(samples: SampleSet, value_range: Sequence[float], title: str) -> Any:
+    """:func:`grid_figure` of a :data:`SampleSet`."""
+    images, cols, rows = samples
+    return grid_figure(images, value_range, cols, title=title, row_labels=rows)
+
+
+def named_rows(samples: SampleSet, class_names: Sequence[str] | None) -> SampleSet:
+    """``samples`` with their class-id row labels replaced by ``class_names`` (if any)."""
+    images, cols, rows = samples
+    if rows is not None and class_names:
+        rows = [str(class_names[int(r)]) for r in rows]
+    return images, cols, rows
+
+
+# --------------------------------------------------------------------------------------
+# Figures logged during training
+# --------------------------------------------------------------------------------------
+
+
+def epoch_figure_callback(
+    context: Any, every: int, figure: Callable[[int], Any], name: str = "samples"
+) -> Any:
+    """A Keras callback that logs ``figure(epoch)`` every ``every`` epochs (0: never) as
+    ``samples/<name>_epoch_NNN.png``; ``epoch`` and NNN count from 1."""
+    import keras
+
+    every = int(every)
+
+    def on_epoch_end(epoch: int, logs: Any = None) -> None:
+        done = epoch + 1
+        if every > 0 and done % every == 0:
+            context.log_figure(figure(done), f"{name}_epoch_{done:03d}.png", "samples")
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
+def sample_grid_callback(
+    context: Any, every: int, sample: Callable[[], SampleSet], value_range: Sequence[float]
+) -> Any:
+    """The sample-grid callback of the generative models: every ``every`` epochs it
+    draws ``sample()`` and logs it as ``samples/samples_epoch_NNN.png``, titled
+    ``epoch N``. ``sample`` should draw from fixed noise, so grids compare over epochs."""
+    value_range = tuple(value_range)
+    return epoch_figure_callback(
+        context, every, lambda done: sample_grid_figure(sample(), value_range, f"epoch {done}")
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Reading a DataBundle
+# --------------------------------------------------------------------------------------
+
+
+def value_range_of(data: Any) -> tuple[float, float]:
+    """``data.value_range`` as floats; ``(0, 1)`` when the data does not say."""
+    low, high = getattr(data, "value_range", (0.0, 1.0))
+    return float(low), float(high)
+
+
 def first_split(data: Any) -> str:
     """The first non-empty split of ``data`` among test, val, train."""
     for split in ("test", "val", "train"):
         if data.size(split) > 0:
             return split
-    raise ValueError("the data has no non-empty split")
+    raise ConfigError("the data has no non-empty split")
 
 
 def labels_of(data: Any, split: str) -> np.ndarray | None:

@@ -46,6 +46,6 @@ def register_models(register):
         description="Autoencoder, dense or conv, optionally denoising.",
         task="generative",
         loss_weights=("reconstruction",),
-        plots="dlpipe.models.autoencoder.model:plots",
+        plots="dlpipe.models.autoencoder.plots:plots",
         example_params={"hidden": [16, 8], "latent_dim": 4, "noise_std": 0.1},
     )

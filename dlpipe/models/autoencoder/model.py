@@ -11,20 +11,22 @@ cross-entropy, summed over the values of an example and averaged over the batch)
 weighted by ``Autoencoder.loss_weights["reconstruction"]``. It is computed in an
 overridden ``compute_loss``, so Keras's own ``train_step`` does the rest (mixed
 precision loss scaling included); the loss is scaled for the replica count like a
-built-in loss. ``model(x)`` returns reconstructions shaped like ``x``.
+built-in loss. ``model(x)`` returns reconstructions shaped like ``x``. The figures are
+in :mod:`dlpipe.models.autoencoder.plots`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from dlpipe.models import grids
+from dlpipe.data import DataBundle
+from dlpipe.models.autoencoder import AutoencoderParams
 from dlpipe.models.common import encoder_trunk, make_loss_weights, replica_scaled
+from dlpipe.models.grids import ConfigError, value_range_of
 from dlpipe.models.vae.model import build_decoder
 
 LOSS_TERMS = ("reconstruction",)
@@ -145,39 +147,36 @@ def output_activation(name: str, reconstruction: str, value_range: tuple[float, 
     return "linear"
 
 
-def _value_range(data: Any) -> tuple[float, float]:
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    return float(low), float(high)
-
-
-def _check(params: Any, input_shape: tuple[int, ...], value_range: tuple[float, float]) -> None:
+def _check(
+    params: AutoencoderParams, input_shape: tuple[int, ...], value_range: tuple[float, float]
+) -> None:
     if not params.hidden:
-        raise ValueError("autoencoder: 'hidden' must list at least one width / filter count")
+        raise ConfigError("autoencoder: 'hidden' must list at least one width / filter count")
     if params.encoder == "conv":
         if len(input_shape) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder: encoder 'conv' needs images (height, width, channels), got "
                 f"input shape {input_shape}; use encoder 'dense'"
             )
         factor = 2 ** len(params.hidden)
         if input_shape[0] % factor or input_shape[1] % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder: {len(params.hidden)} stride-2 conv blocks need height and "
                 f"width divisible by {factor}, got {input_shape[:2]}; use fewer 'hidden' "
                 "entries or resize the images (data param image_size)"
             )
     low, high = value_range
     if params.reconstruction == "bce" and (low < 0 or high > 1):
-        raise ValueError(
+        raise ConfigError(
             f"autoencoder: reconstruction 'bce' needs inputs in [0, 1], the data's value "
             f"range is {tuple(value_range)}; rescale the data or use reconstruction 'mse'"
         )
 
 
-def build(params: Any, data: Any) -> Autoencoder:
+def build(params: AutoencoderParams, data: DataBundle) -> Autoencoder:
     """The registered builder: a built, uncompiled :class:`Autoencoder` for ``data``."""
     input_shape = tuple(data.input_shape)
-    value_range = _value_range(data)
+    value_range = value_range_of(data)
     _check(params, input_shape, value_range)
     hidden = list(params.hidden)
     encoder = build_encoder(
@@ -202,65 +201,3 @@ def build(params: Any, data: Any) -> Autoencoder:
     )
     model(np.zeros((1, *input_shape), dtype="float32"))  # variables exist before fit
     return model
-
-
-# --------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------
-
-
-def plot_reconstructions(
-    model: Autoencoder, x: np.ndarray, value_range: tuple[float, float], n: int = 10
-) -> Any:
-    """Originals above their reconstructions; a denoising model adds a noisy pair."""
-    x = x[:n]
-    rows = [("original", x), ("reconstruction", grids.predict_batches(model, x))]
-    if model.noise_std > 0:
-        rng = np.random.default_rng(0)
-        noisy = (x + rng.normal(0.0, model.noise_std, x.shape)).astype("float32")
-        rows += [
-            (f"noisy input (std {model.noise_std:g})", noisy),
-            ("denoised", grids.predict_batches(model, noisy)),
-        ]
-    return grids.rows_figure(rows, value_range)
-
-
-def plot_latent_scatter(model: Autoencoder, x: np.ndarray, y: np.ndarray | None) -> Any:
-    """Latent codes of ``x`` in 2-D (PCA when latent_dim > 2), coloured by label."""
-    limit = 5000
-    z = grids.predict_batches(model.encode, x[:limit]).reshape(min(len(x), limit), -1)
-    if z.shape[1] > 2:
-        from sklearn.decomposition import PCA
-
-        pca = PCA(n_components=2)
-        points = pca.fit_transform(z)
-        ratio = pca.explained_variance_ratio_
-        names = (f"PC 1 ({ratio[0]:.0%})", f"PC 2 ({ratio[1]:.0%})")
-        title = f"latent space (PCA of {z.shape[1]} dims)"
-    elif z.shape[1] == 2:
-        points, names, title = z, ("z[0]", "z[1]"), "latent space"
-    else:
-        points = np.concatenate([z, np.zeros_like(z)], axis=1)
-        names, title = ("z[0]", ""), "latent space"
-    fig = grids.figure(6, 5)
-    ax = fig.subplots()
-    if y is None:
-        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7)
-    else:
-        art = ax.scatter(points[:, 0], points[:, 1], c=y[:limit], s=4, cmap="tab10", alpha=0.7)
-        fig.colorbar(art, ax=ax, label="label")
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    ax.set_title(title)
-    return fig
-
-
-def plots(context: Any, model: Autoencoder, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``reconstructions.png`` (image data) and
-    ``latent_scatter.png``. ``context`` is not used."""
-    split = grids.first_split(data)
-    x = np.asarray(data.x[split], dtype="float32")
-    value_range = _value_range(data)
-    if data.is_image:
-        yield "reconstructions.png", plot_reconstructions(model, x, value_range)
-    yield "latent_scatter.png", plot_latent_scatter(model, x, grids.labels_of(data, split))

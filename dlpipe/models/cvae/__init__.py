@@ -26,7 +26,7 @@ def register_models(register):
         description="Conditional VAE: encoder and decoder see the class; sample by class.",
         task="generative",
         loss_weights=("reconstruction", "kl"),
-        plots="dlpipe.models.cvae.model:plots",
+        plots="dlpipe.models.cvae.plots:plots",
         callbacks="dlpipe.models.cvae.model:callbacks",
         example_params={**_TINY, "kl_warmup_epochs": 2},
     )

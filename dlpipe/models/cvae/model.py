@@ -16,7 +16,7 @@ Everything else (the reparameterized :class:`~dlpipe.models.vae.model.Sampling` 
 ``reconstruction`` and ``kl`` loss terms, KL warm-up, the latent traversal) is the
 :class:`~dlpipe.models.vae.model.VAE`'s; :class:`CVAE` only routes labels to the networks.
 Training needs labelled data: ``fit`` on ``(x, y)`` batches, where ``y`` are integer
-class ids or one-hot rows.
+class ids or one-hot rows. The figures are in :mod:`dlpipe.models.cvae.plots`.
 
 ``model((x, y))`` reconstructs ``x`` as class ``y`` (the latent mean, decoded).
 ``model(x)`` without labels conditions on an all-zero label vector ("no class"),
@@ -25,14 +25,17 @@ which the networks never saw in training: it only keeps ``predict(x)`` working.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models import grids
+from dlpipe.models.cvae import CVAEParams
+from dlpipe.models.grids import ConfigError, value_range_of
 from dlpipe.models.vae import model as vae
 
 
@@ -98,6 +101,13 @@ class CVAE(vae.VAE):
             raise ValueError(f"cvae: labels must be class ids in [0, {self.num_classes})")
         return ids
 
+    def sample_grid(self, class_names: Sequence[str] = (), cols: int = 8) -> grids.SampleSet:
+        """:func:`samples_by_class`, one row per class, rows labelled with the class
+        names (class ids where there are fewer names)."""
+        names = list(class_names)
+        rows = [names[c] if c < len(names) else str(c) for c in range(self.num_classes)]
+        return samples_by_class(self, cols), cols, rows
+
     def sample(self, n: int, seed: Any = None, labels: Any = None) -> Any:
         """Decode ``n`` prior samples as classes ``labels`` (default: cycling)."""
         seed = self.sampler.seed_generator if seed is None else seed
@@ -122,16 +132,16 @@ class CVAE(vae.VAE):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def build(params: Any, data: Any) -> CVAE:
+def build(params: CVAEParams, data: DataBundle) -> CVAE:
     """The registered builder: a built, uncompiled :class:`CVAE` for ``data``.
 
     Needs labelled data (``data.num_classes >= 2``). Seeded like the VAE's builder.
     """
     input_shape = tuple(data.input_shape)
-    vae.check_params(params, input_shape, vae.value_range_of(data), arch="cvae")
+    vae.check_params(params, input_shape, value_range_of(data), arch="cvae")
     num_classes = int(getattr(data, "num_classes", 0) or 0)
     if num_classes < 2:
-        raise ValueError(
+        raise ConfigError(
             "cvae: a conditional VAE needs class labels; the data has no num_classes "
             "(use a classification data stage, or the vae architecture)"
         )
@@ -142,18 +152,13 @@ def build(params: Any, data: Any) -> CVAE:
         num_classes=num_classes,
         reconstruction=params.reconstruction,
         seed=int(np.random.randint(1, 2**31 - 1)),
-        value_range=vae.value_range_of(data),
+        value_range=value_range_of(data),
         kl_warmup_epochs=params.kl_warmup_epochs,
         sample_every=params.sample_every,
         name="cvae",
     )
     model((np.zeros((1, *input_shape), "float32"), np.zeros((1,), "int32")))  # build
     return model
-
-
-# --------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------
 
 
 def samples_by_class(model: CVAE, cols: int = 8, seed: int = 0) -> np.ndarray:
@@ -166,59 +171,6 @@ def samples_by_class(model: CVAE, cols: int = 8, seed: int = 0) -> np.ndarray:
     return np.clip(images, *model.value_range)
 
 
-def sample_figure(
-    model: CVAE, class_names: Sequence[str] = (), title: str = "", cols: int = 8
-) -> Any:
-    """The by-class sample grid, rows labelled with the class names."""
-    names = list(class_names)
-    rows = [names[c] if c < len(names) else str(c) for c in range(model.num_classes)]
-    return grids.grid_figure(
-        samples_by_class(model, cols),
-        model.value_range,
-        cols,
-        title=title or "samples by class (same z down each column)",
-        row_labels=rows,
-    )
-
-
-def plots(context: Any, model: CVAE, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: yields ``(filename, figure)``.
-
-    Image data: ``reconstructions.png``, ``samples_by_class.png`` (one row per class)
-    and ``latent_traversal.png`` (as the first class of the split); always
-    ``latent_scatter.png``, which for a good CVAE shows classes mixed, not clustered:
-    the label is given to the decoder, so ``z`` need not encode it.
-    """
-    split = grids.first_split(data)
-    x = np.asarray(data.x[split], dtype="float32")
-    y = grids.labels_of(data, split)
-    if y is None:
-        raise ValueError("cvae plots: the data split has no labels")
-    vrange = vae.value_range_of(data)
-    names = list(getattr(data, "class_names", None) or [])
-    if data.is_image:
-        yield "reconstructions.png", vae.plot_reconstructions(model, x, vrange, y)
-        yield "samples_by_class.png", sample_figure(model, names)
-    yield "latent_scatter.png", vae.plot_latent_scatter(model, x, y, labels=y)
-    if data.is_image:
-        first = int(y[0])
-        name = names[first] if first < len(names) else str(first)
-        yield (
-            "latent_traversal.png",
-            vae.plot_latent_traversal(model, x, y, title=f"class {name}"),
-        )
-
-
-def callbacks(context: Any, model: CVAE, data: Any) -> list[Any]:
-    """The registered callback hook: the VAE's (KL warm-up), with by-class grids."""
-    out = [cb for cb in vae.callbacks(context, model, data) if not isinstance(cb, vae.SampleGrid)]
-    if model.sample_every > 0 and data.is_image:
-        names = list(getattr(data, "class_names", None) or [])
-        out.append(
-            vae.SampleGrid(
-                context,
-                model.sample_every,
-                lambda epoch: sample_figure(model, names, title=f"epoch {epoch}"),
-            )
-        )
-    return out
+#: The registered callback hook: the VAE's, whose sample grids come from
+#: :meth:`CVAE.sample_grid` (one row per class).
+callbacks = vae.callbacks

@@ -75,7 +75,7 @@ def register_models(register):
         description="Denoising diffusion (U-Net, linear/cosine schedule, EMA, CFG; DDPM/DDIM).",
         task="generative",
         loss_weights=("noise",),
-        plots="dlpipe.models.ddpm.model:plots",
+        plots="dlpipe.models.ddpm.plots:plots",
         callbacks="dlpipe.models.ddpm.model:callbacks",
         example_params={**_TINY_SAMPLING, "widths": [8]},
     )

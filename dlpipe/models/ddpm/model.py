@@ -1,28 +1,10 @@
 """Denoising diffusion (DDPM, DDIM) with classifier-free guidance, for the ``ddpm`` architecture.
 
-The idea (Ho et al., 2020): fix a *forward process* that destroys an image ``x_0`` in
-``T`` small Gaussian steps,
-
-    q(x_t | x_0) = N(sqrt(alpha_bar_t) * x_0, (1 - alpha_bar_t) * I),
-
-where ``alpha_bar_t`` falls from almost 1 to almost 0 (the *noise schedule*: ``linear``
-betas as in the paper, or the ``cosine`` schedule of Nichol & Dhariwal, 2021). After
-``T`` steps ``x_T`` is indistinguishable from ``N(0, I)``. A network
-``eps_theta(x_t, t)`` is trained to predict the noise that was added, with a plain
-mean-squared error on random ``t`` (the loss term ``noise``). Generating images runs
-the process backwards from pure noise:
-
-* ``ddpm``: ancestral sampling, all ``T`` steps, each drawing from the Gaussian
-  posterior ``q(x_{t-1} | x_t, x_0)`` with ``x_0`` estimated from the predicted noise;
-* ``ddim`` (Song et al., 2021): a non-Markovian process with the same marginals, so a
-  short subsequence of ``sample_steps`` timesteps suffices. ``eta`` = 0 makes it
-  deterministic; ``eta`` = 1 with every timestep is exactly DDPM (tested).
-
-The noise predictor is a small U-Net: residual blocks of GroupNorm -> swish -> 3x3
-convolution, one resolution level per entry of ``widths`` (stride-2 convolutions down,
-nearest upsampling up, skip connections across). A sinusoidal embedding of ``t``
-conditions every residual block as a per-channel scale and shift after its second
-normalization (:class:`ScaleShift`).
+A network ``eps_theta(x_t, t)`` learns to predict the noise added to an image by the
+forward process, and sampling runs that process backwards from pure noise; the
+schedules, the forward process and the samplers' update rules are in
+:mod:`dlpipe.models.ddpm.schedule`, the noise-predicting U-Net in
+:mod:`dlpipe.models.ddpm.unet`.
 
 **Class conditioning with classifier-free guidance** (Ho & Salimans, 2021): a learned
 label embedding is added to the time embedding. During training each label is
@@ -41,309 +23,37 @@ sampling loop itself is NumPy around ``predict_on_batch`` of the (compiled) netw
 readable, seedable, and the same for every sampler. :class:`DiffusionModel` knows
 nothing about images beyond :meth:`~DiffusionModel.to_diffusion` /
 :meth:`~DiffusionModel.from_diffusion`; :mod:`dlpipe.models.latent_diffusion.model`
-overrides those two to diffuse in an autoencoder's latent space.
+overrides those two to diffuse in an autoencoder's latent space. The figures are in
+:mod:`dlpipe.models.ddpm.plots`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers, ops
+from keras import ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
+from dlpipe.models.ddpm import DDPMParams, DiffusionCommonParams
+from dlpipe.models.ddpm.schedule import (
+    SAMPLERS,
+    NoiseSchedule,
+    ddim_step,
+    ddpm_step,
+    q_sample,
+    sampling_timesteps,
+)
+from dlpipe.models.ddpm.unet import build_unet
+from dlpipe.models.grids import ConfigError, value_range_of
 
 LOSS_TERMS = ("noise",)
-SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddpm", "ddim")
-
-# --------------------------------------------------------------------------------------
-# Noise schedules and the two samplers' update rules (NumPy, float64)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class NoiseSchedule:
-    """``betas``, ``alphas = 1 - betas`` and ``alpha_bars = cumprod(alphas)`` for
-    timesteps ``0 .. timesteps - 1`` (index ``t`` is the paper's ``t + 1``).
-
-    ``linear``: betas from 1e-4 to 0.02, rescaled by ``1000 / timesteps`` so that a
-    shorter chain destroys the signal as completely as the paper's 1000 steps.
-    ``cosine``: ``alpha_bar(t) = f(t) / f(0)`` with
-    ``f(t) = cos((t / T + s) / (1 + s) * pi / 2) ** 2``, ``s = 0.008``, betas clipped
-    at 0.999 (Nichol & Dhariwal); it destroys information more evenly over ``t``.
-    """
-
-    kind: str
-    timesteps: int
-    betas: np.ndarray = field(init=False, repr=False)
-    alphas: np.ndarray = field(init=False, repr=False)
-    alpha_bars: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.kind!r}")
-        if self.timesteps < 2:
-            raise ValueError(f"timesteps must be at least 2, not {self.timesteps}")
-        steps = self.timesteps
-        if self.kind == "linear":
-            scale = 1000.0 / steps
-            betas = np.linspace(scale * 1e-4, scale * 0.02, steps, dtype="float64")
-        else:
-            s = 0.008
-            f = np.cos((np.arange(steps + 1, dtype="float64") / steps + s) / (1 + s) * np.pi / 2)
-            alpha_bar = f**2 / f[0] ** 2
-            betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
-        self.betas = np.clip(betas, 1e-8, 0.999)
-        self.alphas = 1.0 - self.betas
-        self.alpha_bars = np.cumprod(self.alphas)
-
-    def alpha_bar_prev(self, t: int) -> float:
-        """``alpha_bar`` one step before ``t``; 1 (no noise) before the first step."""
-        return 1.0 if t < 0 else float(self.alpha_bars[t])
-
-
-def q_sample(schedule: NoiseSchedule, x0: Any, t: Any, noise: Any) -> Any:
-    """The forward process in one jump: ``sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``.
-
-    ``t`` holds one timestep per example (any shape with ``batch`` entries); works on
-    tensors inside a traced step and on NumPy arrays alike (float32 result).
-    """
-    x0 = ops.cast(x0, "float32")
-    alpha_bars = ops.convert_to_tensor(schedule.alpha_bars.astype("float32"))
-    ab = ops.take(alpha_bars, ops.reshape(ops.cast(t, "int32"), (-1,)))
-    ab = ops.reshape(ab, (-1,) + (1,) * (len(x0.shape) - 1))
-    return ops.sqrt(ab) * x0 + ops.sqrt(1.0 - ab) * ops.cast(noise, "float32")
-
-
-def predict_x0(
-    x_t: np.ndarray, eps: np.ndarray, alpha_bar: float, clip: float | None
-) -> np.ndarray:
-    """The clean-sample estimate ``(x_t - sqrt(1 - a) eps) / sqrt(a)``, optionally clipped
-    to ``[-clip, clip]``."""
-    x0 = (x_t - math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha_bar)
-    return np.clip(x0, -clip, clip) if clip is not None else x0
-
-
-def ddpm_step(
-    schedule: NoiseSchedule,
-    x_t: np.ndarray,
-    eps: np.ndarray,
-    t: int,
-    noise: np.ndarray,
-    clip: float | None = 1.0,
-) -> np.ndarray:
-    """One ancestral step ``x_t -> x_{t-1}``: a draw from the posterior
-    ``q(x_{t-1} | x_t, x_0)`` with ``x_0`` estimated from ``eps``.
-
-    Posterior mean ``c0 * x0 + ct * x_t`` with ``c0 = sqrt(ab_prev) beta / (1 - ab)`` and
-    ``ct = sqrt(alpha) (1 - ab_prev) / (1 - ab)``; variance
-    ``beta (1 - ab_prev) / (1 - ab)`` (0 at the last step).
-    """
-    beta, alpha = float(schedule.betas[t]), float(schedule.alphas[t])
-    ab, ab_prev = float(schedule.alpha_bars[t]), schedule.alpha_bar_prev(t - 1)
-    x0 = predict_x0(x_t, eps, ab, clip)
-    c0 = math.sqrt(ab_prev) * beta / (1.0 - ab)
-    ct = math.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab)
-    variance = beta * (1.0 - ab_prev) / (1.0 - ab)
-    return c0 * x0 + ct * x_t + math.sqrt(variance) * noise
-
-
-def ddim_step(
-    schedule: NoiseSchedule,
-    x_t: np.ndarray,
-    eps: np.ndarray,
-    t: int,
-    t_prev: int,
-    eta: float,
-    noise: np.ndarray,
-    clip: float | None = 1.0,
-) -> np.ndarray:
-    """One DDIM step ``x_t -> x_{t_prev}`` (``t_prev = -1``: to the clean sample).
-
-    ``x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` with
-    ``sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev)``. ``eps`` is
-    re-derived from the (clipped) ``x0`` so that both estimates agree.
-    """
-    ab, ab_prev = float(schedule.alpha_bars[t]), schedule.alpha_bar_prev(t_prev)
-    x0 = predict_x0(x_t, eps, ab, clip)
-    eps = (x_t - math.sqrt(ab) * x0) / math.sqrt(1.0 - ab)
-    sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_prev)
-    direction = math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
-    return math.sqrt(ab_prev) * x0 + direction + sigma * noise
-
-
-def sampling_timesteps(sampler: str, timesteps: int, sample_steps: int) -> list[int]:
-    """The timesteps a sampler visits, from noisiest to cleanest.
-
-    ``ddpm``: all of them. ``ddim``: ``sample_steps`` evenly spaced ones (always
-    including ``timesteps - 1`` and 0).
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}")
-    if sampler == "ddpm" or sample_steps >= timesteps:
-        return list(range(timesteps - 1, -1, -1))
-    steps = np.unique(np.linspace(0, timesteps - 1, max(sample_steps, 2)).round().astype(int))
-    return [int(t) for t in steps[::-1]]
-
-
-# --------------------------------------------------------------------------------------
-# The noise-prediction U-Net
-# --------------------------------------------------------------------------------------
-
-
-def sinusoidal_embedding(t: Any, dim: int, max_period: float = 10000.0) -> Any:
-    """``(batch,)`` timesteps -> ``(batch, dim)`` features ``[sin(t f_i), cos(t f_i)]``
-    with frequencies ``f_i = max_period ** (-i / (dim / 2))``, ``i = 0 .. dim/2 - 1``
-    (the Transformer's position encoding, applied to the diffusion step)."""
-    half = dim // 2
-    freqs = ops.exp(-math.log(max_period) * ops.arange(half, dtype="float32") / float(half))
-    angles = ops.cast(ops.reshape(t, (-1, 1)), "float32") * ops.reshape(freqs, (1, half))
-    return ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
-
-
-@keras.saving.register_keras_serializable(package="dlpipe")
-class SinusoidalEmbedding(layers.Layer):
-    """Layer form of :func:`sinusoidal_embedding`: ``(batch, 1)`` int steps -> ``(batch, dim)``.
-
-    Computed in float32 whatever the dtype policy (large angles lose precision in
-    float16).
-    """
-
-    def __init__(self, dim: int, max_period: float = 10000.0, **kwargs: Any) -> None:
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        if dim < 2 or dim % 2:
-            raise ValueError(f"the embedding size must be even and >= 2, not {dim}")
-        self.dim = int(dim)
-        self.max_period = float(max_period)
-
-    def call(self, t: Any) -> Any:
-        return sinusoidal_embedding(t, self.dim, self.max_period)
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return (input_shape[0], self.dim)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "dim": self.dim, "max_period": self.max_period}
-
-
-def group_norm(channels: int, name: str) -> layers.Layer:
-    """GroupNorm with up to 8 groups (as many as divide ``channels``)."""
-    return layers.GroupNormalization(groups=math.gcd(int(channels), 8), name=name)
-
-
-@keras.saving.register_keras_serializable(package="dlpipe")
-class ScaleShift(layers.Layer):
-    """``h * (1 + scale) + shift`` with ``[scale, shift]`` per example and channel.
-
-    Called on ``[h, params]`` with ``params`` of shape ``(batch, 2 * channels)``; the
-    conditioning of a residual block, applied right after its normalization (a plain
-    added bias before a GroupNorm of one channel per group would be normalized away).
-    """
-
-    def call(self, inputs: Any) -> Any:
-        h, params = inputs
-        channels = h.shape[-1]
-        params = ops.reshape(
-            ops.cast(params, h.dtype), (-1,) + (1,) * (len(h.shape) - 2) + (2 * channels,)
-        )
-        scale, shift = params[..., :channels], params[..., channels:]
-        return h * (1.0 + scale) + shift
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return input_shape[0]
-
-
-def residual_block(h: Any, emb: Any, width: int, name: str) -> Any:
-    """GroupNorm -> swish -> conv, GroupNorm -> scale/shift by the embedding -> swish ->
-    conv, added to a (1x1-projected) skip."""
-    skip = h if h.shape[-1] == width else layers.Conv2D(width, 1, name=f"{name}_skip")(h)
-    h = group_norm(h.shape[-1], f"{name}_norm0")(h)
-    h = layers.Conv2D(width, 3, padding="same", name=f"{name}_conv0")(
-        layers.Activation("swish", name=f"{name}_act0")(h)
-    )
-    scale_shift = layers.Dense(2 * width, name=f"{name}_emb")(
-        layers.Activation("swish", name=f"{name}_emb_act")(emb)
-    )
-    h = ScaleShift(name=f"{name}_condition")([group_norm(width, f"{name}_norm1")(h), scale_shift])
-    h = layers.Conv2D(width, 3, padding="same", name=f"{name}_conv1")(
-        layers.Activation("swish", name=f"{name}_act1")(h)
-    )
-    return layers.Add(name=f"{name}_out")([skip, h])
-
-
-def conditioning_embedding(
-    t: Any, label: Any, emb_dim: int, num_classes: int, sinusoid_dim: int
-) -> Any:
-    """Time embedding (sinusoid -> Dense -> swish -> Dense), plus a learned embedding of
-    the label (``num_classes + 1`` entries: the last is the null class) when given."""
-    emb = SinusoidalEmbedding(sinusoid_dim, name="time_sinusoid")(t)
-    emb = layers.Dense(emb_dim, activation="swish", name="time_dense0")(emb)
-    emb = layers.Dense(emb_dim, name="time_dense1")(emb)
-    if label is not None:
-        label_emb = layers.Embedding(num_classes + 1, emb_dim, name="label_embedding")(label)
-        emb = layers.Add(name="time_plus_label")(
-            [emb, layers.Flatten(name="label_flat")(label_emb)]
-        )
-    return emb
-
-
-def build_unet(
-    input_shape: Sequence[int],
-    widths: Sequence[int],
-    num_classes: int = 0,
-    blocks_per_level: int = 1,
-    emb_dim: int | None = None,
-) -> keras.Model:
-    """``[x_t, t]`` (+ ``label`` when ``num_classes``) -> predicted noise, float32.
-
-    One level per entry of ``widths``; between levels a stride-2 convolution halves the
-    resolution, so height and width must divide by ``2 ** (len(widths) - 1)``. The
-    output convolution starts at zero (the first prediction is "no noise").
-    """
-    height, width, channels = (int(d) for d in input_shape)
-    widths = [int(w) for w in widths]
-    emb_dim = int(emb_dim or 4 * widths[0])
-    x_t = keras.Input(shape=(height, width, channels), name="x_t")
-    t = keras.Input(shape=(1,), dtype="int32", name="t")
-    inputs = [x_t, t]
-    label = None
-    if num_classes:
-        label = keras.Input(shape=(1,), dtype="int32", name="label")
-        inputs.append(label)
-    sinusoid_dim = max(2, widths[0] - widths[0] % 2)
-    emb = conditioning_embedding(t, label, emb_dim, num_classes, sinusoid_dim)
-
-    h = layers.Conv2D(widths[0], 3, padding="same", name="stem")(x_t)
-    skips = []
-    for level, w in enumerate(widths):
-        for b in range(blocks_per_level):
-            h = residual_block(h, emb, w, f"down{level}_block{b}")
-        skips.append(h)
-        if level < len(widths) - 1:
-            h = layers.Conv2D(w, 3, strides=2, padding="same", name=f"down{level}_downsample")(h)
-    if len(widths) > 1:  # at the coarsest resolution, between the two paths
-        h = residual_block(h, emb, widths[-1], "middle_block")
-    for level in reversed(range(len(widths))):
-        h = layers.Concatenate(name=f"up{level}_skip")([h, skips[level]])
-        for b in range(blocks_per_level):
-            h = residual_block(h, emb, widths[level], f"up{level}_block{b}")
-        if level > 0:
-            h = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}_upsample")(h)
-            h = layers.Conv2D(widths[level - 1], 3, padding="same", name=f"up{level}_conv")(h)
-    h = layers.Activation("swish", name="out_act")(group_norm(widths[0], "out_norm")(h))
-    eps = layers.Conv2D(
-        channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="noise"
-    )(h)
-    return keras.Model(inputs, eps, name="unet")
-
 
 # --------------------------------------------------------------------------------------
 # The model: training step, EMA, sampling
@@ -686,25 +396,20 @@ class DiffusionModel(keras.Model):
 # --------------------------------------------------------------------------------------
 
 
-def value_range_of(data: Any) -> tuple[float, float]:
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    return float(low), float(high)
-
-
-def class_count(params: Any, data: Any, arch: str) -> int:
+def class_count(params: DiffusionCommonParams, data: DataBundle, arch: str) -> int:
     """Number of classes to condition on: 0 unconditional. ``conditional: null`` means
     "when the data has class labels"."""
     labelled = bool(data.num_classes) and data.y.get("train") is not None
     wanted = params.conditional if params.conditional is not None else labelled
     if wanted and not labelled:
-        raise ValueError(
+        raise ConfigError(
             f"{arch}: conditional: true needs class labels, and the data has none; "
             "set conditional: false"
         )
-    return int(data.num_classes) if wanted else 0
+    return int(data.num_classes or 0) if wanted else 0
 
 
-def sampling_options(params: Any) -> dict[str, Any]:
+def sampling_options(params: DiffusionCommonParams) -> dict[str, Any]:
     """What :class:`DiffusionModel` takes from the params shared by both architectures."""
     return {
         "timesteps": params.timesteps,
@@ -720,17 +425,17 @@ def sampling_options(params: Any) -> dict[str, Any]:
     }
 
 
-def build(params: Any, data: Any) -> DiffusionModel:
+def build(params: DDPMParams, data: DataBundle) -> DiffusionModel:
     """The ``ddpm`` builder: a U-Net noise predictor on ``data``'s images."""
     shape = tuple(data.input_shape)
     if len(shape) != 3:
-        raise ValueError(f"ddpm: needs images (height, width, channels), got input shape {shape}")
+        raise ConfigError(f"ddpm: needs images (height, width, channels), got input shape {shape}")
     widths = list(params.widths)
     if not widths:
-        raise ValueError("ddpm: 'widths' must list at least one level")
+        raise ConfigError("ddpm: 'widths' must list at least one level")
     factor = 2 ** (len(widths) - 1)
     if shape[0] % factor or shape[1] % factor:
-        raise ValueError(
+        raise ConfigError(
             f"ddpm: {len(widths)} U-Net levels need height and width divisible by {factor}, "
             f"got {shape[:2]}; use fewer 'widths' or resize the images (data param image_size)"
         )
@@ -749,13 +454,11 @@ def build(params: Any, data: Any) -> DiffusionModel:
 
 
 # --------------------------------------------------------------------------------------
-# Sample grids (callback and plots) and the denoising trajectory
+# Sample grids during training (the figures after it are in dlpipe.models.ddpm.plots)
 # --------------------------------------------------------------------------------------
 
 
-def sample_grid(
-    model: DiffusionModel, cols: int = 8, seed: int = 0
-) -> tuple[np.ndarray, int, list[str] | None]:
+def sample_grid(model: DiffusionModel, cols: int = 8, seed: int = 0) -> grids.SampleSet:
     """``(images, cols, row_labels)``: one row per class (up to 10) for a conditional
     model, ``cols x cols`` samples otherwise; the same seed gives the same start noise."""
     if not model.conditional:
@@ -766,66 +469,17 @@ def sample_grid(
     return images, cols, [str(c) for c in range(classes)]
 
 
-def sample_grid_figure(
-    model: DiffusionModel, title: str, class_names: Sequence[str] | None = None
-) -> Any:
-    images, cols, rows = sample_grid(model)
-    if rows is not None and class_names:
-        rows = [str(class_names[int(r)]) for r in rows]
-    return grids.grid_figure(images, model.value_range, cols, title=title, row_labels=rows)
-
-
-def trajectory_figure(model: DiffusionModel, n: int = 4, frames: int = 8, seed: int = 1) -> Any:
-    """``n`` samples (rows) from pure noise to the result (columns), as ``x_t`` in data
-    space; conditional models show one class per row with the model's guidance."""
-    labels = model.default_labels(n)
-    _, trajectory = model.sample(n, labels, seed=seed, keep=frames)
-    fig = grids.figure(1.0 * len(trajectory) + 0.6, 1.0 * n + 0.6)
-    axes = fig.subplots(n, len(trajectory), squeeze=False)
-    for col, (label, x) in enumerate(trajectory):
-        shown = grids.to_display(model.to_data(x), model.value_range)
-        for row in range(n):
-            grids.show(axes[row, col], shown[row])
-        axes[0, col].set_title(label, fontsize=8)
-    if labels is not None:
-        for row in range(n):
-            axes[row, 0].set_axis_on()
-            axes[row, 0].set_xticks([])
-            axes[row, 0].set_yticks([])
-            axes[row, 0].set_ylabel(f"class {labels[row]}", fontsize=8)
-    fig.suptitle(f"denoising trajectory ({model.sampler})", fontsize=9)
-    return fig
-
-
-class SampleGrid(keras.callbacks.Callback):
-    """Logs a sample grid (EMA weights, fixed seed) every ``every`` epochs as
-    ``samples/samples_epoch_NNN.png``."""
-
-    def __init__(self, context: Any, every: int, class_names: Sequence[str] | None = None) -> None:
-        super().__init__()
-        self.context = context
-        self.every = int(every)
-        self.class_names = list(class_names or [])
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        done = epoch + 1
-        if self.every > 0 and done % self.every == 0:
-            fig = sample_grid_figure(self.model, f"epoch {done}", self.class_names)
-            self.context.log_figure(fig, f"samples_epoch_{done:03d}.png", "samples")
-
-
-def callbacks(context: Any, model: DiffusionModel, data: Any) -> list[Any]:
-    """The registered callback hook: a :class:`SampleGrid` for image data."""
+def callbacks(context: Any, model: DiffusionModel, data: DataBundle) -> list[Any]:
+    """The registered callback hook: a sample grid (EMA weights, fixed seed) every
+    ``sample_every`` epochs, one row per class when conditional (image data only)."""
     if not data.is_image or model.sample_every <= 0:
         return []
-    return [SampleGrid(context, model.sample_every, data.class_names)]
-
-
-def plots(context: Any, model: DiffusionModel, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``samples.png`` (the final grid, one row per class when
-    conditional) and ``trajectory.png`` (x_t along the reverse process), image data only."""
-    if not data.is_image:
-        return
-    title = "samples by class" if model.conditional else "samples"
-    yield "samples.png", sample_grid_figure(model, f"{title} ({model.sampler})", data.class_names)
-    yield "trajectory.png", trajectory_figure(model)
+    names = list(data.class_names or [])
+    return [
+        grids.sample_grid_callback(
+            context,
+            model.sample_every,
+            lambda: grids.named_rows(sample_grid(model), names),
+            model.value_range,
+        )
+    ]

@@ -68,7 +68,7 @@ def register_models(register):
         description="ESPCN super-resolution (sub-pixel conv), PSNR/SSIM vs bicubic.",
         task="generative",
         loss_weights=("content",),
-        plots="dlpipe.models.espcn.model:plots",
+        plots="dlpipe.models.espcn.plots:plots",
         callbacks="dlpipe.models.espcn.model:callbacks",
         example_params={"scale": 2, "filters": [8, 4], "kernel_sizes": [3, 3], "sample_every": 0},
     )

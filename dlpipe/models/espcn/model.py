@@ -35,8 +35,8 @@ data's value range (:mod:`dlpipe.models.image_quality`).
 
 **Artifacts.** A grid with rows low-res / bicubic / model / ground truth is logged
 every ``sample_every`` epochs (``samples/superres_epoch_NNN.png``, :func:`callbacks`)
-and after training by :func:`plots` (``plots/superres.png``, plus a histogram of the
-per-image PSNR gain over bicubic, ``plots/psnr_gain.png``).
+and after training by :func:`dlpipe.models.espcn.plots.plots` (``plots/superres.png``,
+plus a histogram of the per-image PSNR gain over bicubic, ``plots/psnr_gain.png``).
 
 :class:`SuperResolution` holds what every super-resolution model here shares (the
 degradation, bicubic baseline, metrics, grids, saving); :mod:`dlpipe.models.srgan.model`
@@ -45,7 +45,7 @@ builds its adversarial variant on it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -53,8 +53,12 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
+from dlpipe.models.espcn import ESPCNParams
+from dlpipe.models.espcn.plots import comparison_figure, grid_images
+from dlpipe.models.grids import ConfigError, value_range_of
 from dlpipe.models.image_quality import psnr, ssim, to_unit_range
 
 # --------------------------------------------------------------------------------------
@@ -318,26 +322,21 @@ def build_espcn_network(
     return keras.Model(lr, hr, name="espcn_network")
 
 
-def check_data(data: Any, scale: int, arch: str) -> tuple[int, int, int]:
+def check_data(data: DataBundle, scale: int, arch: str) -> tuple[int, int, int]:
     """The data's image shape, with clear errors when ``scale`` cannot divide it."""
     shape = tuple(data.input_shape)
     if len(shape) != 3:
-        raise ValueError(f"{arch}: needs images (height, width, channels), got shape {shape}")
+        raise ConfigError(f"{arch}: needs images (height, width, channels), got shape {shape}")
     height, width, channels = (int(d) for d in shape)
     if height % scale or width % scale:
-        raise ValueError(
+        raise ConfigError(
             f"{arch}: image sides {height}x{width} must divide by scale {scale}; resize the "
             f"images (data param image_size, e.g. [32, 32])"
         )
     return height, width, channels
 
 
-def value_range_of(data: Any) -> tuple[float, float]:
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    return float(low), float(high)
-
-
-def build(params: Any, data: Any) -> SuperResolution:
+def build(params: ESPCNParams, data: DataBundle) -> SuperResolution:
     """The ``espcn`` builder: a built, uncompiled :class:`SuperResolution` model."""
     height, width, channels = check_data(data, params.scale, "espcn")
     network = build_espcn_network(
@@ -356,98 +355,21 @@ def build(params: Any, data: Any) -> SuperResolution:
 
 
 # --------------------------------------------------------------------------------------
-# Grids: during training (callback) and after it (plots)
+# The comparison grid during training (the figures after it are in espcn.plots)
 # --------------------------------------------------------------------------------------
 
 
-def comparison_rows(model: SuperResolution, hr: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Rows low-res / bicubic / model / ground truth for a few high-res images; the
-    bicubic and model rows are labelled with their mean PSNR."""
-    hr = np.asarray(hr, dtype="float32")
-    lr = model.downsample(hr)
-    bicubic = model.bicubic(lr)
-    sr = ops.clip(model.upscale(lr), *model.value_range)
-    bic_psnr, _ = model.quality(bicubic, hr)
-    sr_psnr, _ = model.quality(sr, hr)
-
-    def mean_db(values: Any) -> str:
-        return f"{float(np.mean(ops.convert_to_numpy(values))):.1f} dB"
-
-    return [
-        (f"low-res (1/{model.scale})", ops.convert_to_numpy(lr)),
-        (f"bicubic ({mean_db(bic_psnr)})", ops.convert_to_numpy(bicubic)),
-        (f"{model.name} ({mean_db(sr_psnr)})", ops.convert_to_numpy(sr)),
-        ("ground truth", hr),
-    ]
-
-
-def comparison_figure(model: SuperResolution, hr: np.ndarray, title: str = "") -> Any:
-    fig = grids.rows_figure(comparison_rows(model, hr), model.value_range)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return fig
-
-
-def grid_images(data: Any, n: int = 8) -> np.ndarray:
-    """The first ``n`` high-res images of the first non-empty split among test/val/train."""
-    return np.asarray(data.x[grids.first_split(data)][:n], dtype="float32")
-
-
-class SuperResGrid(keras.callbacks.Callback):
-    """Logs the comparison grid of fixed images every ``every`` epochs, as
-    ``samples/superres_epoch_NNN.png`` (NNN counts epochs from 1)."""
-
-    def __init__(self, context: Any, every: int, images: np.ndarray) -> None:
-        super().__init__()
-        self.context = context
-        self.every = int(every)
-        self.images = images
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        done = epoch + 1
-        if self.every > 0 and done % self.every == 0:
-            fig = comparison_figure(self.model, self.images, f"epoch {done}")
-            self.context.log_figure(fig, f"superres_epoch_{done:03d}.png", "samples")
-
-
-def callbacks(context: Any, model: SuperResolution, data: Any) -> list[Any]:
-    """The registered callback hook: a :class:`SuperResGrid` when ``sample_every > 0``."""
+def callbacks(context: Any, model: SuperResolution, data: DataBundle) -> list[Any]:
+    """The registered callback hook: the comparison grid of fixed images every
+    ``sample_every`` epochs, as ``samples/superres_epoch_NNN.png``."""
     if model.sample_every <= 0:
         return []
-    return [SuperResGrid(context, model.sample_every, grid_images(data))]
-
-
-def psnr_gain_figure(model: SuperResolution, data: Any, split: str, limit: int = 2000) -> Any:
-    """Histogram of the per-image PSNR gain of the model over bicubic on ``split``."""
-    hr = np.asarray(data.x[split][:limit], dtype="float32")
-    gains, sr_all, bic_all = [], [], []
-    for i in range(0, len(hr), 256):
-        batch = hr[i : i + 256]
-        lr = model.downsample(batch)
-        sr_psnr, _ = model.quality(model.upscale(lr), batch)
-        bic_psnr, _ = model.quality(model.bicubic(lr), batch)
-        sr_np, bic_np = ops.convert_to_numpy(sr_psnr), ops.convert_to_numpy(bic_psnr)
-        gains.append(sr_np - bic_np)
-        sr_all.append(sr_np)
-        bic_all.append(bic_np)
-    gain = np.concatenate(gains)
-    fig = grids.figure(6, 4)
-    ax = fig.subplots()
-    ax.hist(gain, bins=40, color="tab:blue", alpha=0.8)
-    ax.axvline(0.0, color="gray", ls="--", lw=1)
-    ax.set_xlabel(f"PSNR({model.name}) - PSNR(bicubic) per image [dB]")
-    ax.set_ylabel("images")
-    ax.set_title(
-        f"{split}: {model.name} {np.mean(np.concatenate(sr_all)):.2f} dB vs bicubic "
-        f"{np.mean(np.concatenate(bic_all)):.2f} dB; better on {np.mean(gain > 0):.0%}",
-        fontsize=9,
-    )
-    return fig
-
-
-def plots(context: Any, model: SuperResolution, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``superres.png`` (rows low-res, bicubic, model, ground
-    truth) and ``psnr_gain.png``. ``context`` is not used."""
-    split = grids.first_split(data)
-    yield "superres.png", comparison_figure(model, grid_images(data), f"{split} images")
-    yield "psnr_gain.png", psnr_gain_figure(model, data, split)
+    images = grid_images(data)
+    return [
+        grids.epoch_figure_callback(
+            context,
+            model.sample_every,
+            lambda done: comparison_figure(model, images, f"epoch {done}"),
+            name="superres",
+        )
+    ]

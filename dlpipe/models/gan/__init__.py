@@ -80,7 +80,7 @@ def register_models(register):
         description="DCGAN-style GAN (two optimizers, label smoothing/noise; conditional option).",
         task="generative",
         loss_weights=("discriminator", "generator"),
-        plots="dlpipe.models.gan.model:plots",
+        plots="dlpipe.models.gan.plots:plots",
         callbacks="dlpipe.models.gan.model:callbacks",
         example_params={**_TINY, "label_smoothing": 0.1, "label_noise": 0.05},
     )
@@ -91,7 +91,7 @@ def register_models(register):
         description="Conditional GAN: class-controlled samples.",
         task="generative",
         loss_weights=("discriminator", "generator"),
-        plots="dlpipe.models.gan.model:plots",
+        plots="dlpipe.models.gan.plots:plots",
         callbacks="dlpipe.models.gan.model:callbacks",
         example_params=dict(_TINY),
     )

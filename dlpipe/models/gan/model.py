@@ -4,13 +4,9 @@ In the spirit of the keras-io examples ``generative/dcgan_overriding_train_step.
 ``generative/conditional_gan.py``: a generator maps noise ``z`` (and, for a
 conditional GAN, a class label) to an image; a discriminator scores images (and their
 labels) as real or fake. A custom ``train_step`` alternates one discriminator update
-and one generator update, each with its own optimizer:
-
-* the generator uses the optimizer the train stage compiles the model with;
-* the discriminator's optimizer (``d_optimizer``) is created in :meth:`compile` as a
-  copy of it, with an optional learning rate of its own (``d_learning_rate``). The
-  train stage compiles inside the distribution strategy's scope, so both optimizers
-  (and their variables) are created there.
+and one generator update, each with its own optimizer (see
+:mod:`dlpipe.models.adversarial` for the two optimizers, sampling and saving, which
+``wgan_gp`` shares).
 
 Discriminator targets can be softened with one-sided label smoothing (real targets
 ``1 - label_smoothing``) and label noise (each target flipped with probability
@@ -18,7 +14,7 @@ Discriminator targets can be softened with one-sided label smoothing (real targe
 
 Mixed precision (the spec's ``precision: mixed_float16``): the networks compute in
 float16 but their last layers (the image, the logit) are float32, so every loss is
-computed in float32; both optimizers scale their loss (see :meth:`compile`).
+computed in float32.
 
 Two named loss terms, ``discriminator`` and ``generator``, weight the two losses
 (``train.loss_weights``); both default to 1. Training reports the unweighted
@@ -27,21 +23,15 @@ Two named loss terms, ``discriminator`` and ``generator``, weight the two losses
 
 ``model(x)`` returns ``len(x)`` generated images (fresh noise; ``x`` only sets the
 batch size, and for a conditional GAN may be ``(x, labels)``; otherwise the labels
-cycle through the classes). :meth:`AdversarialModel.generate` is the deterministic
-entry point, and :meth:`AdversarialModel.generate_samples` (``n`` images as NumPy,
-seeded, balanced labels when conditional) the uniform one that evaluation stages
-such as ``sample_quality`` use on any generative model. Sample grids from FIXED
-noise are logged every ``sample_every`` epochs by :func:`callbacks`, and once more by
-:func:`plots` after training.
-
-:class:`AdversarialModel` holds what GANs share (networks, noise, the second
-optimizer, sampling, saving); :mod:`dlpipe.models.wgan_gp.model` builds on it.
+cycle through the classes). Sample grids from FIXED noise are logged every
+``sample_every`` epochs by :func:`callbacks`, and once more after training by
+:func:`dlpipe.models.gan.plots.plots`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -49,252 +39,12 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models import grids
-from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
-
-# --------------------------------------------------------------------------------------
-# What every adversarial model shares
-# --------------------------------------------------------------------------------------
-
-
-def clone_optimizer(optimizer: Any, learning_rate: float | None = None) -> Any:
-    """A fresh optimizer configured like ``optimizer`` (no shared state).
-
-    ``learning_rate`` replaces the rate. A ``LossScaleOptimizer`` (mixed precision)
-    is unwrapped, cloned and wrapped again. A learning-rate schedule is rebuilt from its
-    config (public serialization), so a custom schedule must be registered
-    serializable, as dlpipe's ``WarmUp`` is.
-    """
-    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    inner = optimizer.inner_optimizer if scaled else optimizer
-    config = inner.get_config()
-    if learning_rate is not None:
-        config["learning_rate"] = float(learning_rate)
-    elif isinstance(config.get("learning_rate"), dict):
-        # A schedule, serialized by get_config: rebuild it through the public API.
-        config["learning_rate"] = keras.optimizers.schedules.deserialize(config["learning_rate"])
-    config["name"] = f"d_{config.get('name') or 'optimizer'}"
-    clone = type(inner).from_config(config)
-    return keras.optimizers.LossScaleOptimizer(clone) if scaled else clone
-
-
-def set_adam_betas(optimizer: Any, betas: Sequence[float]) -> None:
-    """Set ``beta_1``/``beta_2`` of an Adam-family optimizer (others are left alone).
-
-    Must happen before the first training step (the values are read when traced).
-    """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if hasattr(inner, "beta_1") and hasattr(inner, "beta_2"):
-        inner.beta_1, inner.beta_2 = float(betas[0]), float(betas[1])
-
-
-def loss_scaled(optimizer: Any, policy: Any) -> Any:
-    """``optimizer`` wrapped in a ``LossScaleOptimizer`` under a ``mixed_float16`` policy.
-
-    Keras wraps the optimizer given to ``compile`` itself; the second optimizer of an
-    adversarial model needs the same treatment, or its float16 gradients underflow.
-    """
-    wrapped = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    if getattr(policy, "name", policy) == "mixed_float16" and not wrapped:
-        return keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-class AdversarialModel(keras.Model):
-    """A generator and a discriminator (or critic) with an optimizer each.
-
-    Subclasses set :attr:`LOSS_TERMS` / :attr:`INITIAL_TERM_WEIGHTS` and write
-    ``train_step``/``test_step``. Compile with ONE optimizer (the generator's);
-    :meth:`compile` derives the discriminator's.
-
-    :param generator: ``z -> image``, or ``[z, label] -> image`` when conditional.
-    :param discriminator: ``image -> logit``, or ``[image, label] -> logit``.
-    :param num_classes: 0 for an unconditional model, else the number of classes.
-    :param d_learning_rate: the discriminator's rate; ``None`` copies the generator's.
-    :param adam_betas: ``(beta_1, beta_2)`` given to both optimizers when they are
-        Adam-family (GANs want ``beta_1 = 0.5``, Radford et al.); ``None`` keeps the
-        compiled optimizer's.
-    :param sample_every: log a fixed-noise sample grid every this many epochs (0: never).
-    :param seed: seed of the training noise and of the fixed grid noise.
-    """
-
-    LOSS_TERMS: tuple[str, ...] = ()
-    INITIAL_TERM_WEIGHTS: dict[str, float] = {}
-
-    def __init__(
-        self,
-        generator: keras.Model,
-        discriminator: keras.Model,
-        num_classes: int = 0,
-        d_learning_rate: float | None = None,
-        adam_betas: Sequence[float] | None = None,
-        sample_every: int = 5,
-        seed: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.generator = generator
-        self.discriminator = discriminator
-        self.num_classes = int(num_classes)
-        self.conditional = self.num_classes > 0
-        self.d_learning_rate = d_learning_rate
-        self.adam_betas = None if adam_betas is None else [float(b) for b in adam_betas]
-        self.sample_every = int(sample_every)
-        self.seed = seed
-        self.latent_dim = int(generator.inputs[0].shape[-1])
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.loss_weights = make_loss_weights(self.LOSS_TERMS, self.INITIAL_TERM_WEIGHTS)
-        self.d_optimizer: Any = None
-
-    # --- optimizers ----------------------------------------------------------------
-
-    def compile(self, optimizer: Any = "adam", d_optimizer: Any = None, **kwargs: Any) -> None:
-        """``optimizer`` trains the generator; ``d_optimizer`` (default: a copy of
-        ``optimizer`` with ``d_learning_rate``) trains the discriminator.
-
-        Call it inside the strategy scope: the discriminator's optimizer variables
-        are created here. Under a ``mixed_float16`` policy both optimizers are
-        ``LossScaleOptimizer``s (Keras wraps ``optimizer``; :func:`loss_scaled` wraps
-        ``d_optimizer``), and :func:`~dlpipe.models.common.apply_gradients` scales
-        each loss with its own optimizer's scale.
-        """
-        super().compile(optimizer=optimizer, **kwargs)
-        if self.adam_betas is not None:
-            set_adam_betas(self.optimizer, self.adam_betas)
-        if d_optimizer is None:
-            d_optimizer = clone_optimizer(self.optimizer, self.d_learning_rate)
-        else:
-            d_optimizer = keras.optimizers.get(d_optimizer)
-        self.d_optimizer = loss_scaled(d_optimizer, self.dtype_policy)
-        # Each optimizer owns the slots of its own network only; built here (inside
-        # the strategy scope) so that fit does not build them, and so that a loaded
-        # model's optimizers match the saved ones variable for variable.
-        self.optimizer.build(self.generator.trainable_variables)
-        self.d_optimizer.build(self.discriminator.trainable_variables)
-
-    def compile_from_config(self, config: dict[str, Any]) -> None:
-        # Keras skips compile() on load when it is overridden; this restores both
-        # optimizers so their saved state can be loaded into them.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-
-    # --- the networks ----------------------------------------------------------------
-
-    def sample_latent(self, batch: Any) -> Any:
-        """``batch`` latent vectors from ``N(0, I)`` (advances the seed generator)."""
-        return keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
-
-    def _labels(self, labels: Any) -> Any:
-        """``(batch, 1)`` int32 labels; one-hot labels are decoded."""
-        if labels is None:
-            raise ValueError(f"{self.name}: a conditional model needs class labels")
-        if len(labels.shape) > 1 and labels.shape[-1] not in (None, 1):
-            labels = ops.argmax(labels, axis=-1)
-        return ops.reshape(ops.cast(labels, "int32"), (-1, 1))
-
-    def generate(self, z: Any, labels: Any = None, training: bool | None = False) -> Any:
-        """Images from latent vectors ``z`` (and labels, when conditional)."""
-        z = ops.convert_to_tensor(z)
-        if self.conditional:
-            labels = self._labels(labels)
-            return self.generator([z, labels], training=training)
-        return self.generator(z, training=training)
-
-    def discriminate(self, images: Any, labels: Any = None, training: bool | None = False) -> Any:
-        """The discriminator's (critic's) float32 scores of ``images``, shape ``(n, 1)``."""
-        images = ops.convert_to_tensor(images)
-        if self.conditional:
-            labels = self._labels(labels)
-            out = self.discriminator([images, labels], training=training)
-        else:
-            out = self.discriminator(images, training=training)
-        return ops.cast(out, "float32")
-
-    def build(self, input_shape: Any = None) -> None:
-        # Generator and discriminator are built functional models.
-        self.built = True
-
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        labels = None
-        if isinstance(inputs, (tuple, list)):
-            inputs, labels = inputs[0], (inputs[1] if len(inputs) > 1 else None)
-        batch = ops.shape(inputs)[0]
-        if self.conditional and labels is None:
-            labels = ops.mod(ops.arange(batch, dtype="int32"), self.num_classes)
-        return self.generate(self.sample_latent(batch), labels, training=training)
-
-    # --- fixed-noise samples ---------------------------------------------------------
-
-    def fixed_latent(self, n: int) -> np.ndarray:
-        """The same ``n`` latent vectors every time (seeded by the model's seed)."""
-        rng = np.random.default_rng(self.seed or 0)
-        return rng.standard_normal((n, self.latent_dim)).astype("float32")
-
-    def sample_grid(self, cols: int = 8) -> tuple[np.ndarray, int, list[str] | None]:
-        """Fixed-noise samples for a grid: ``(images, cols, row_labels)``.
-
-        Unconditional: ``cols x cols`` samples. Conditional: one row per class (up to
-        10), the same noise along each column, so a column shares its "style".
-        """
-        if not self.conditional:
-            z = self.fixed_latent(cols * cols)
-            return ops.convert_to_numpy(self.generate(z, training=False)), cols, None
-        classes = min(self.num_classes, 10)
-        z = np.tile(self.fixed_latent(cols), (classes, 1))
-        labels = np.repeat(np.arange(classes, dtype="int32"), cols)
-        images = ops.convert_to_numpy(self.generate(z, labels, training=False))
-        return images, cols, [str(c) for c in range(classes)]
-
-    def generate_samples(
-        self, n: int, labels: Any = None, seed: int | None = 0, batch_size: int = 256
-    ) -> np.ndarray:
-        """``n`` generated images as a float32 NumPy array, in the data's value range.
-
-        The uniform sampling method that evaluation stages (``sample_quality``) call
-        on every generative model. The noise comes from ``np.random.default_rng(seed)``
-        (the same seed, the same samples; ``None``: fresh noise). A conditional model uses ``labels``
-        (``n`` class ids) or, when they are not given, balanced labels
-        ``0, 1, ..., K-1, 0, 1, ...``; an unconditional model refuses labels.
-        """
-        n = int(n)
-        if self.conditional:
-            if labels is None:
-                labels = np.arange(n) % self.num_classes
-            labels = np.asarray(labels).reshape(-1).astype("int32")
-            if len(labels) != n:
-                raise ValueError(f"{self.name}: {len(labels)} labels for {n} samples")
-        elif labels is not None:
-            raise ValueError(f"{self.name} is unconditional: it cannot generate by label")
-        z = np.random.default_rng(seed).standard_normal((n, self.latent_dim)).astype("float32")
-        chunks = []
-        for start in range(0, n, batch_size):
-            part = None if labels is None else labels[start : start + batch_size]
-            images = self.generate(z[start : start + batch_size], part, training=False)
-            chunks.append(ops.convert_to_numpy(ops.cast(images, "float32")))
-        if not chunks:
-            return np.zeros((0, *self.generator.output.shape[1:]), dtype="float32")
-        return np.concatenate(chunks, axis=0)
-
-    # --- serialization ---------------------------------------------------------------
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "generator": keras.saving.serialize_keras_object(self.generator),
-            "discriminator": keras.saving.serialize_keras_object(self.discriminator),
-            "num_classes": self.num_classes,
-            "d_learning_rate": self.d_learning_rate,
-            "adam_betas": self.adam_betas,
-            "sample_every": self.sample_every,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Any:
-        config = dict(config)
-        generator = keras.saving.deserialize_keras_object(config.pop("generator"))
-        discriminator = keras.saving.deserialize_keras_object(config.pop("discriminator"))
-        return cls(generator, discriminator, **config)
-
+from dlpipe.models.adversarial import AdversarialModel, bce_from_logits
+from dlpipe.models.common import apply_gradients, replica_scaled
+from dlpipe.models.gan import AdversarialParams, CGANParams, GANBaseParams, GANParams
+from dlpipe.models.grids import ConfigError, value_range_of
 
 # --------------------------------------------------------------------------------------
 # The GAN
@@ -316,11 +66,6 @@ def discriminator_targets(
         flip = keras.random.uniform((batch, 1), seed=seed) < flip_prob
         hard = ops.where(flip, 1.0 - hard, hard)
     return hard * (1.0 - smoothing) if smoothing > 0 else hard
-
-
-def bce_from_logits(targets: Any, logits: Any) -> Any:
-    """Mean binary cross-entropy of float32 logits."""
-    return ops.mean(ops.binary_crossentropy(targets, logits, from_logits=True))
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -559,39 +304,34 @@ def build_discriminator(
     return keras.Model(inputs if num_classes else image, logit, name=name)
 
 
-def check_params(params: Any, data: Any, arch: str, conditional: bool) -> None:
+def check_params(params: AdversarialParams, data: DataBundle, arch: str, conditional: bool) -> None:
     """Clear errors for settings the data cannot support."""
     if not params.filters:
-        raise ValueError(f"{arch}: 'filters' must list at least one width / filter count")
+        raise ConfigError(f"{arch}: 'filters' must list at least one width / filter count")
     shape = tuple(data.input_shape)
     if params.architecture == "conv":
         if len(shape) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"{arch}: architecture 'conv' needs images (height, width, channels), got "
                 f"input shape {shape}; use architecture 'dense'"
             )
         factor = 2 ** len(params.filters)
         if shape[0] % factor or shape[1] % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"{arch}: {len(params.filters)} stride-2 blocks need height and width "
                 f"divisible by {factor}, got {shape[:2]}; use fewer 'filters' or resize the "
                 "images (data param image_size, e.g. [16, 16])"
             )
     if conditional and not data.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"{arch}: a conditional GAN needs class labels; the data has no num_classes"
         )
 
 
-def value_range_of(data: Any) -> tuple[float, float]:
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    return float(low), float(high)
-
-
-def _build(params: Any, data: Any, conditional: bool, arch: str) -> GAN:
+def _build(params: GANBaseParams, data: DataBundle, conditional: bool, arch: str) -> GAN:
     check_params(params, data, arch, conditional)
     shape = tuple(data.input_shape)
-    num_classes = int(data.num_classes) if conditional else 0
+    num_classes = int(data.num_classes or 0) if conditional else 0
     filters = list(params.filters)
     generator = build_generator(
         shape,
@@ -621,108 +361,33 @@ def _build(params: Any, data: Any, conditional: bool, arch: str) -> GAN:
     return model
 
 
-def build(params: Any, data: Any) -> GAN:
+def build(params: GANParams, data: DataBundle) -> GAN:
     """The ``gan`` builder (conditional when ``params.conditional``)."""
     conditional = bool(getattr(params, "conditional", False))
     return _build(params, data, conditional, "cgan" if conditional else "gan")
 
 
-def build_conditional(params: Any, data: Any) -> GAN:
+def build_conditional(params: CGANParams, data: DataBundle) -> GAN:
     """The ``cgan`` builder: a conditional GAN on the data's class labels."""
     return _build(params, data, True, "cgan")
 
 
 # --------------------------------------------------------------------------------------
-# Sample grids: during training (callback) and after it (plots)
+# Sample grids during training (the figures after it are in dlpipe.models.gan.plots)
 # --------------------------------------------------------------------------------------
 
 
-def sample_grid_figure(
-    model: AdversarialModel,
-    value_range: Sequence[float],
-    title: str,
-    class_names: Sequence[str] | None = None,
-) -> Any:
-    images, cols, rows = model.sample_grid()
-    if rows is not None and class_names:
-        rows = [str(class_names[int(r)]) for r in rows]
-    return grids.grid_figure(images, value_range, cols, title=title, row_labels=rows)
-
-
-class SampleGrid(keras.callbacks.Callback):
-    """Logs a fixed-noise sample grid to ``context`` every ``every`` epochs, as
-    ``samples/samples_epoch_NNN.png`` (NNN counts epochs from 1)."""
-
-    def __init__(
-        self,
-        context: Any,
-        every: int,
-        value_range: Sequence[float],
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        super().__init__()
-        self.context = context
-        self.every = int(every)
-        self.value_range = tuple(value_range)
-        self.class_names = list(class_names or [])
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        done = epoch + 1
-        if self.every > 0 and done % self.every == 0:
-            fig = sample_grid_figure(
-                self.model, self.value_range, f"epoch {done}", self.class_names
-            )
-            self.context.log_figure(fig, f"samples_epoch_{done:03d}.png", "samples")
-
-
-def callbacks(context: Any, model: AdversarialModel, data: Any) -> list[Any]:
-    """The registered callback hook: a :class:`SampleGrid` for image data."""
+def callbacks(context: Any, model: AdversarialModel, data: DataBundle) -> list[Any]:
+    """The registered callback hook: a fixed-noise sample grid every ``sample_every``
+    epochs, one row per class for a conditional model (image data only)."""
     if not data.is_image or model.sample_every <= 0:
         return []
-    return [SampleGrid(context, model.sample_every, value_range_of(data), data.class_names)]
-
-
-def plot_scores(model: AdversarialModel, data: Any, split: str, what: str) -> Any:
-    """Histogram of the discriminator's (critic's) scores of real and generated data."""
-    n = min(data.size(split), 1000)
-    x = np.asarray(data.x[split][:n], dtype="float32")
-    labels = grids.labels_of(data, split) if model.conditional else None
-    labels = labels[:n] if labels is not None else None
-    z = model.fixed_latent(n)
-    fake = ops.convert_to_numpy(model.generate(z, labels, training=False))
-    real_scores = ops.convert_to_numpy(model.discriminate(x, labels)).ravel()
-    fake_scores = ops.convert_to_numpy(model.discriminate(fake, labels)).ravel()
-    if what == "probability":
-        real_scores = 1.0 / (1.0 + np.exp(-real_scores))
-        fake_scores = 1.0 / (1.0 + np.exp(-fake_scores))
-    fig = grids.figure(6, 4)
-    ax = fig.subplots()
-    bins = np.linspace(
-        min(real_scores.min(), fake_scores.min()), max(real_scores.max(), fake_scores.max()), 40
-    )
-    ax.hist(real_scores, bins=bins, alpha=0.6, label=f"real ({split})")
-    ax.hist(fake_scores, bins=bins, alpha=0.6, label="generated")
-    ax.set_xlabel(f"discriminator {what}" if what == "probability" else "critic score")
-    ax.set_ylabel("count")
-    ax.legend()
-    return fig
-
-
-def plots(context: Any, model: AdversarialModel, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``samples.png`` (the final fixed-noise grid, one row
-    per class for a conditional GAN; image data only) and ``scores.png``."""
-    if data.is_image:
-        title = "samples by class" if model.conditional else "samples (fixed noise)"
-        yield (
-            "samples.png",
-            sample_grid_figure(model, value_range_of(data), title, data.class_names),
+    names = list(data.class_names or [])
+    return [
+        grids.sample_grid_callback(
+            context,
+            model.sample_every,
+            lambda: grids.named_rows(model.sample_grid(), names),
+            value_range_of(data),
         )
-    yield (
-        "scores.png",
-        plot_scores(
-            model,
-            data,
-            grids.first_split(data),
-            "probability" if isinstance(model, GAN) else "score",
-        ),
-    )
+    ]

@@ -72,7 +72,7 @@ def register_models(register):
         description="Diffusion in a trained autoencoder's/VAE's latent space (MLP denoiser).",
         task="generative",
         loss_weights=("noise",),
-        plots="dlpipe.models.ddpm.model:plots",
+        plots="dlpipe.models.ddpm.plots:plots",
         callbacks="dlpipe.models.ddpm.model:callbacks",
         example_params={**_TINY_SAMPLING, "width": 16, "depth": 1},
     )

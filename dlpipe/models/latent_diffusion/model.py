@@ -43,15 +43,13 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError
 from dlpipe.models import grids
-from dlpipe.models.ddpm.model import (
-    DiffusionModel,
-    class_count,
-    conditioning_embedding,
-    sampling_options,
-    value_range_of,
-)
+from dlpipe.models.ddpm.model import DiffusionModel, class_count, sampling_options
+from dlpipe.models.ddpm.unet import conditioning_embedding
+from dlpipe.models.grids import value_range_of
+from dlpipe.models.latent_diffusion import LatentDiffusionParams, SourceModel
 
 # --------------------------------------------------------------------------------------
 # The latent denoiser
@@ -186,7 +184,7 @@ def has_codec(model: Any) -> bool:
     )
 
 
-def tracking_uri_of(source: Any, context: Any) -> str:
+def tracking_uri_of(source: SourceModel, context: Any) -> str:
     """``source.tracking_uri``, else the spec's ``tracking.uri``, else dlpipe's default."""
     from dlpipe import paths
 
@@ -240,7 +238,7 @@ def load_source(source: Any, context: Any) -> Any:
     return packaging.load_keras_model(reference, uri, dst=download_dir(context))
 
 
-def fresh_autoencoder(data: Any, latent_dim: int = 4) -> Any:
+def fresh_autoencoder(data: DataBundle, latent_dim: int = 4) -> Any:
     """A tiny untrained dense autoencoder (only for builds without a context)."""
     from dlpipe.models.autoencoder import AutoencoderParams
     from dlpipe.models.autoencoder import model as autoencoder
@@ -248,7 +246,7 @@ def fresh_autoencoder(data: Any, latent_dim: int = 4) -> Any:
     return autoencoder.build(AutoencoderParams(hidden=[16], latent_dim=latent_dim), data)
 
 
-def source_model(params: Any, data: Any, context: Any) -> Any:
+def source_model(params: LatentDiffusionParams, data: DataBundle, context: Any) -> Any:
     source = params.autoencoder
     if source is None:
         if context is None:
@@ -280,7 +278,7 @@ def latent_statistics(encoder: keras.Model, x: np.ndarray, limit: int = 5000) ->
     return z.mean(axis=0), np.maximum(z.std(axis=0), 1e-3)
 
 
-def build(params: Any, data: Any, context: Any = None) -> LatentDiffusion:
+def build(params: LatentDiffusionParams, data: DataBundle, context: Any = None) -> LatentDiffusion:
     """The ``latent_diffusion`` builder (see the module docstring for the source model)."""
     source = source_model(params, data, context)
     if not has_codec(source):

@@ -54,7 +54,7 @@ def register_models(register):
         description="SRGAN super-resolution: content + adversarial loss (two optimizers).",
         task="generative",
         loss_weights=("content", "adversarial"),
-        plots="dlpipe.models.srgan.model:plots",
+        plots="dlpipe.models.espcn.plots:plots",
         callbacks="dlpipe.models.srgan.model:callbacks",
         example_params={
             "scale": 2,

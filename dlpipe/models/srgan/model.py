@@ -36,15 +36,15 @@ paper. As in the paper the generator can first train on the content loss alone f
 scratch when the gate opens).
 
 **Training step.** Two optimizers (the generator's is the one the train stage compiles,
-the discriminator's a copy with its own optional learning rate, as for the GANs in
-:mod:`dlpipe.models.gan.model`), one discriminator update then one generator update per
-batch. The upscaled batch is computed once, under the generator's tape; the
+the discriminator's a copy with its own optional learning rate, as for the GANs: see
+:mod:`dlpipe.models.adversarial`), one discriminator update then one generator update
+per batch. The upscaled batch is computed once, under the generator's tape; the
 discriminator step uses it with ``stop_gradient``, and the generator step then scores
 it with the updated discriminator.
 
 Everything else (the degradation, ``model(hr)`` returning a same-shape reconstruction,
-PSNR/SSIM/bicubic metrics, comparison grids, saving) is
-:class:`dlpipe.models.espcn.model.SuperResolution`.
+PSNR/SSIM/bicubic metrics, saving) is :class:`dlpipe.models.espcn.model.SuperResolution`;
+the comparison grids are :mod:`dlpipe.models.espcn.plots`'.
 """
 
 from __future__ import annotations
@@ -58,16 +58,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
+from dlpipe.models.adversarial import bce_from_logits, clone_optimizer, loss_scaled, set_adam_betas
 from dlpipe.models.common import apply_gradients, replica_scaled
-from dlpipe.models.espcn.model import (
-    SubPixelUpsampling,
-    SuperResolution,
-    check_data,
-    value_range_of,
-)
+from dlpipe.models.espcn.model import SubPixelUpsampling, SuperResolution, check_data
 from dlpipe.models.espcn.model import callbacks as grid_callbacks
-from dlpipe.models.espcn.model import plots as plots  # the registered plot hook, re-exported
-from dlpipe.models.gan.model import bce_from_logits, clone_optimizer, set_adam_betas
+from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.srgan import SRGANParams
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -127,12 +124,7 @@ class SRGAN(SuperResolution):
             d_optimizer = keras.optimizers.get(d_optimizer)
         # Under mixed_float16 Keras wraps ``optimizer`` in a LossScaleOptimizer (and
         # clone_optimizer keeps that); an explicit d_optimizer needs the same wrapping.
-        policy = getattr(self.dtype_policy, "name", "")
-        if policy == "mixed_float16" and not isinstance(
-            d_optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            d_optimizer = keras.optimizers.LossScaleOptimizer(d_optimizer)
-        self.d_optimizer = d_optimizer
+        self.d_optimizer = loss_scaled(d_optimizer, self.dtype_policy)
         self.d_optimizer.build(self.discriminator.trainable_variables)
 
     # --- losses ----------------------------------------------------------------------
@@ -292,11 +284,11 @@ def build_discriminator(
     return keras.Model(image, logit, name="discriminator")
 
 
-def build(params: Any, data: Any) -> SRGAN:
+def build(params: SRGANParams, data: DataBundle) -> SRGAN:
     """The ``srgan`` builder: a built, uncompiled :class:`SRGAN` model."""
     height, width, channels = check_data(data, params.scale, "srgan")
     if not params.d_filters:
-        raise ValueError("srgan: 'd_filters' must list at least one filter count")
+        raise ConfigError("srgan: 'd_filters' must list at least one filter count")
     generator = build_generator(
         channels, params.scale, params.filters, params.residual_blocks, params.batchnorm
     )
@@ -319,7 +311,7 @@ def build(params: Any, data: Any) -> SRGAN:
     return model
 
 
-def callbacks(context: Any, model: SRGAN, data: Any) -> list[Any]:
+def callbacks(context: Any, model: SRGAN, data: DataBundle) -> list[Any]:
     """The registered callback hook: the comparison grid every ``sample_every`` epochs,
     and the adversarial warm-up gate when ``pretrain_epochs > 0``."""
     found = grid_callbacks(context, model, data)

@@ -51,7 +51,7 @@ def register_models(register):
         description="Variational autoencoder (beta-VAE via the kl loss weight, KL warm-up).",
         task="generative",
         loss_weights=("reconstruction", "kl"),
-        plots="dlpipe.models.vae.model:plots",
+        plots="dlpipe.models.vae.plots:plots",
         callbacks="dlpipe.models.vae.model:callbacks",
         example_params=dict(_TINY),
     )

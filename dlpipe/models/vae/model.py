@@ -21,10 +21,7 @@ before the KL term pulls the posterior to the prior. The configured value (the t
 stage's ``loss_weights.kl``, which the tune stage may search) stays the target; the
 weight in use is reported each epoch as ``kl_weight``.
 
-Plots: reconstructions, the latent scatter, samples from the prior, the 2-D latent
-manifold (``latent_dim`` 2) and a *latent traversal*: one latent dimension varied over
-``[-3, 3]`` at a time, the others at 0, one row per dimension (the most used
-dimensions first), which is how a beta-VAE's disentangled factors are looked at.
+The figures are in :mod:`dlpipe.models.vae.plots`.
 
 The conditional VAE in :mod:`dlpipe.models.cvae.model` subclasses :class:`VAE`; that is why
 :meth:`VAE.encode`, :meth:`VAE.decode` and :meth:`VAE.generate_samples` take
@@ -34,7 +31,7 @@ The conditional VAE in :mod:`dlpipe.models.cvae.model` subclasses :class:`VAE`; 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -42,8 +39,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, encoder_trunk, make_loss_weights, replica_scaled
+from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.vae import VAEParams
 
 LOSS_TERMS = ("reconstruction", "kl")
 
@@ -168,6 +168,11 @@ class VAE(keras.Model):
     def class_labels(self, n: int, labels: Any) -> np.ndarray | None:
         """The labels to sample ``n`` images with; ``None`` for an unconditional model."""
         return None
+
+    def sample_grid(self, class_names: Sequence[str] = (), cols: int = 8) -> grids.SampleSet:
+        """A fixed-seed grid of :meth:`generate_samples`, ``cols x cols`` (the
+        conditional VAE gives one row per class)."""
+        return self.generate_samples(cols * cols, seed=0), cols, None
 
     def build(self, input_shape: Any = None) -> None:
         # The encoder and decoder are built functional models; only the sampler is
@@ -347,32 +352,34 @@ def build_decoder(
 
 
 def check_params(
-    params: Any, input_shape: tuple[int, ...], value_range: Sequence[float], arch: str = "vae"
+    params: VAEParams, input_shape: tuple[int, ...], value_range: Sequence[float], arch: str = "vae"
 ) -> None:
     """Clear errors for settings the data cannot support."""
     if not params.hidden:
-        raise ValueError(f"{arch}: 'hidden' must list at least one layer width / filter count")
+        raise ConfigError(f"{arch}: 'hidden' must list at least one layer width / filter count")
     if params.encoder == "conv":
         if len(input_shape) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"{arch}: encoder 'conv' needs images (height, width, channels), "
                 f"got input shape {input_shape}; use encoder 'dense'"
             )
         factor = 2 ** len(params.hidden)
         if input_shape[0] % factor or input_shape[1] % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"{arch}: {len(params.hidden)} stride-2 conv blocks need height and width "
                 f"divisible by {factor}, got {input_shape[:2]}; use fewer 'hidden' entries"
             )
     low, high = value_range
     if params.reconstruction == "bce" and (low < 0 or high > 1):
-        raise ValueError(
+        raise ConfigError(
             f"{arch}: reconstruction 'bce' needs inputs in [0, 1], the data's value range "
             f"is {tuple(value_range)}; rescale the data or use reconstruction 'mse'"
         )
 
 
-def networks(params: Any, data: Any, num_classes: int = 0) -> tuple[keras.Model, keras.Model]:
+def networks(
+    params: VAEParams, data: DataBundle, num_classes: int = 0
+) -> tuple[keras.Model, keras.Model]:
     """The encoder and decoder for ``data``'s inputs (conditional when ``num_classes``)."""
     input_shape = tuple(data.input_shape)
     out_activation = "sigmoid" if params.reconstruction == "bce" else "linear"
@@ -392,12 +399,7 @@ def networks(params: Any, data: Any, num_classes: int = 0) -> tuple[keras.Model,
     return encoder, decoder
 
 
-def value_range_of(data: Any) -> tuple[float, float]:
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    return float(low), float(high)
-
-
-def build(params: Any, data: Any) -> VAE:
+def build(params: VAEParams, data: DataBundle) -> VAE:
     """The registered builder: a built, uncompiled :class:`VAE` for ``data``'s inputs.
 
     The sampler's seed is drawn from NumPy's global generator, so a build after
@@ -454,28 +456,13 @@ class KLWarmUp(keras.callbacks.Callback):
         self.model.loss_weights[self.term].assign(self.target)
 
 
-class SampleGrid(keras.callbacks.Callback):
-    """Logs ``figure()`` to ``context`` every ``every`` epochs, as
-    ``samples/samples_epoch_NNN.png`` (NNN counts epochs from 1)."""
+def callbacks(context: Any, model: VAE, data: DataBundle) -> list[Any]:
+    """The registered callback hook of ``vae`` and ``cvae``: :class:`KLWarmUp` when
+    ``kl_warmup_epochs > 0``, and a sample grid (:meth:`VAE.sample_grid`) every
+    ``sample_every`` epochs for image data.
 
-    def __init__(self, context: Any, every: int, figure: Callable[[int], Any]) -> None:
-        super().__init__()
-        self.context = context
-        self.every = int(every)
-        self.figure = figure
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        done = epoch + 1
-        if self.every > 0 and done % self.every == 0:
-            self.context.log_figure(self.figure(done), f"samples_epoch_{done:03d}.png", "samples")
-
-
-def callbacks(context: Any, model: VAE, data: Any) -> list[Any]:
-    """The registered callback hook of ``vae`` and ``cvae``.
-
-    :class:`KLWarmUp` when ``kl_warmup_epochs > 0``, its target being the ``kl`` weight
-    the train stage has just set from ``loss_weights`` (the hook is called after
-    that). :class:`SampleGrid` when ``sample_every > 0`` and the data are images.
+    The warm-up's target is the ``kl`` weight the train stage has set before calling
+    this hook (the order is :func:`dlpipe.stages.train.fit.keras_fit`'s).
     """
     out: list[Any] = []
     if model.kl_warmup_epochs > 0:
@@ -484,17 +471,15 @@ def callbacks(context: Any, model: VAE, data: Any) -> list[Any]:
     if model.sample_every > 0 and data.is_image:
         names = list(getattr(data, "class_names", None) or [])
         out.append(
-            SampleGrid(
-                context,
-                model.sample_every,
-                lambda epoch: sample_figure(model, names, title=f"epoch {epoch}"),
+            grids.sample_grid_callback(
+                context, model.sample_every, lambda: model.sample_grid(names), model.value_range
             )
         )
     return out
 
 
 # --------------------------------------------------------------------------------------
-# Plots
+# Decoding NumPy arrays in batches
 # --------------------------------------------------------------------------------------
 
 
@@ -507,197 +492,3 @@ def decode_batches(
         part = None if labels is None else labels[i : i + batch]
         out.append(ops.convert_to_numpy(model.decode(z[i : i + batch], part, training=False)))
     return np.concatenate(out) if out else np.zeros((0, *model.decoder.outputs[0].shape[1:]))
-
-
-def encode_batches(
-    model: VAE, x: np.ndarray, labels: np.ndarray | None = None, batch: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """``model.encode`` over ``x`` (and labels) in batches: ``(z_mean, z_log_var)``."""
-    means, log_vars = [], []
-    for i in range(0, len(x), batch):
-        part = None if labels is None else labels[i : i + batch]
-        z_mean, z_log_var = model.encode(x[i : i + batch], part, training=False)
-        means.append(ops.convert_to_numpy(z_mean))
-        log_vars.append(ops.convert_to_numpy(z_log_var))
-    return np.concatenate(means), np.concatenate(log_vars)
-
-
-def _image(array: np.ndarray) -> np.ndarray:
-    """(h, w, 1) -> (h, w) for imshow; colour images stay (h, w, 3)."""
-    return array[..., 0] if array.shape[-1] == 1 else array
-
-
-def _tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """(rows * cols, h, w, c) -> one (rows * h, cols * w, c) image."""
-    n, h, w, c = images.shape
-    grid = images[: rows * cols].reshape(rows, cols, h, w, c)
-    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
-def _show(ax: Any, image: np.ndarray, vrange: tuple[float, float]) -> None:
-    image = np.clip(image, *vrange)
-    if image.shape[-1] == 3:
-        image = (image - vrange[0]) / max(vrange[1] - vrange[0], 1e-12)
-    ax.imshow(_image(image), cmap="gray", vmin=vrange[0], vmax=vrange[1])
-    ax.set_axis_off()
-
-
-def plot_reconstructions(
-    model: VAE, x: np.ndarray, vrange: tuple[float, float], labels: np.ndarray | None = None
-) -> Any:
-    n = min(10, len(x))
-    z_mean, _ = encode_batches(model, x[:n], None if labels is None else labels[:n])
-    x_hat = decode_batches(model, z_mean, None if labels is None else labels[:n])
-    fig = grids.figure(0.8 * n, 1.8)
-    axes = fig.subplots(2, n, squeeze=False)
-    for i in range(n):
-        _show(axes[0, i], x[i], vrange)
-        _show(axes[1, i], x_hat[i], vrange)
-    axes[0, 0].set_title("input", fontsize=8, loc="left")
-    axes[1, 0].set_title("reconstruction", fontsize=8, loc="left")
-    return fig
-
-
-def plot_latent_manifold(model: VAE, vrange: tuple[float, float], n: int = 15) -> Any:
-    """Decodes an ``n x n`` grid of ``z`` in [-2.5, 2.5]^2 (latent_dim 2 only)."""
-    grid = np.linspace(-2.5, 2.5, n, dtype="float32")
-    # Rows from top to bottom: z[1] decreasing; columns: z[0] increasing.
-    z = np.array([[zx, zy] for zy in grid[::-1] for zx in grid], dtype="float32")
-    images = decode_batches(model, z)
-    fig = grids.figure(8, 8)
-    ax = fig.subplots()
-    _show(ax, _tile(images, n, n), vrange)
-    ax.set_axis_on()
-    h, w = images.shape[1:3]
-    ticks = [0, n // 2, n - 1]
-    ax.set_xticks([(t + 0.5) * w for t in ticks], [f"{grid[t]:.1f}" for t in ticks])
-    ax.set_yticks([(t + 0.5) * h for t in ticks], [f"{grid[::-1][t]:.1f}" for t in ticks])
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
-    ax.set_title("latent manifold")
-    return fig
-
-
-def plot_latent_scatter(
-    model: VAE, x: np.ndarray, y: np.ndarray | None, labels: np.ndarray | None = None
-) -> Any:
-    """``z_mean`` of ``x`` in 2-D (PCA when latent_dim > 2), coloured by label ``y``.
-
-    ``labels`` are what the encoder is conditioned on (a conditional VAE), else None.
-    """
-    limit = 5000
-    x = x[:limit]
-    z_mean, _ = encode_batches(model, x, None if labels is None else labels[:limit])
-    z_mean = z_mean.reshape(len(z_mean), -1)
-    if z_mean.shape[1] > 2:
-        centred = z_mean - z_mean.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        points, axis_names = centred @ vt[:2].T, ("PC 1", "PC 2")
-    elif z_mean.shape[1] == 2:
-        points, axis_names = z_mean, ("z[0]", "z[1]")
-    else:
-        points = np.concatenate([z_mean, np.zeros_like(z_mean)], axis=1)
-        axis_names = ("z[0]", "")
-    fig = grids.figure(6, 5)
-    ax = fig.subplots()
-    colour = None
-    if y is not None:
-        y = np.asarray(y)[:limit]
-        if y.ndim > 1 and y.shape[-1] > 1:  # one-hot
-            y = y.argmax(axis=-1)
-        colour = y.reshape(len(y))
-    if colour is None:
-        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7)
-    else:
-        art = ax.scatter(points[:, 0], points[:, 1], c=colour, s=4, cmap="tab10", alpha=0.7)
-        fig.colorbar(art, ax=ax, label="label")
-    ax.set_xlabel(axis_names[0])
-    ax.set_ylabel(axis_names[1])
-    ax.set_title("latent space (z_mean)")
-    return fig
-
-
-def plot_samples(model: VAE, vrange: tuple[float, float], n: int = 8, seed: int = 0) -> Any:
-    images = ops.convert_to_numpy(model.sample(n * n, seed=seed))
-    fig = grids.figure(6, 6)
-    ax = fig.subplots()
-    _show(ax, _tile(images, n, n), vrange)
-    ax.set_title("samples from the prior")
-    return fig
-
-
-def sample_figure(model: VAE, class_names: Sequence[str] = (), title: str = "") -> Any:
-    """A fixed-seed grid of :meth:`VAE.generate_samples`: 8 x 8 for a VAE (the
-    conditional VAE overrides this with one row per class)."""
-    images = model.generate_samples(64, seed=0)
-    return grids.grid_figure(images, model.value_range, 8, title=title or "samples")
-
-
-def latent_activity(
-    model: VAE, x: np.ndarray, labels: np.ndarray | None = None, limit: int = 1000
-) -> np.ndarray:
-    """Mean KL per latent dimension over (up to ``limit`` of) ``x``: how much each
-    dimension is used; dimensions near 0 are collapsed to the prior."""
-    z_mean, z_log_var = encode_batches(model, x[:limit], None if labels is None else labels[:limit])
-    return ops.convert_to_numpy(kl_divergence(z_mean, z_log_var)).mean(axis=0)
-
-
-def traversal_latents(latent_dim: int, dims: Sequence[int], values: np.ndarray) -> np.ndarray:
-    """``(len(dims) * len(values), latent_dim)`` codes: row ``r`` sets dimension
-    ``dims[r]`` to each of ``values`` in turn, every other dimension 0."""
-    z = np.zeros((len(dims), len(values), latent_dim), dtype="float32")
-    for r, d in enumerate(dims):
-        z[r, :, d] = values
-    return z.reshape(-1, latent_dim)
-
-
-def plot_latent_traversal(
-    model: VAE,
-    x: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-    max_dims: int = 8,
-    steps: int = 9,
-    limit: float = 3.0,
-    title: str = "latent traversal",
-) -> Any:
-    """Decodes ``z`` with one dimension swept over ``[-limit, limit]`` per row.
-
-    With data ``x`` the rows are the ``max_dims`` most used dimensions (highest mean
-    KL), labelled with it; without, the first ``max_dims``. ``labels`` condition the
-    encoder (for the activity) and the decoder (one label per traversal image, or a
-    single label for all) of a conditional VAE.
-    """
-    values = np.linspace(-limit, limit, steps, dtype="float32")
-    if x is not None and len(x):
-        kl = latent_activity(model, x, labels)
-        dims = [int(d) for d in np.argsort(-kl)[:max_dims]]
-        names = [f"z[{d}] KL {kl[d]:.2f}" for d in dims]
-    else:
-        dims = list(range(min(max_dims, model.latent_dim)))
-        names = [f"z[{d}]" for d in dims]
-    z = traversal_latents(model.latent_dim, dims, values)
-    cond = model.class_labels(len(z), None if labels is None else labels[:1])
-    images = decode_batches(model, z, cond)
-    title = f"{title}: each row sweeps one z from {-limit:g} to {limit:g}, others 0"
-    return grids.grid_figure(images, model.value_range, steps, title=title, row_labels=names)
-
-
-def plots(context: Any, model: VAE, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: yields ``(filename, figure)``.
-
-    ``reconstructions.png``, ``latent_manifold.png`` (latent_dim 2), ``samples.png``
-    and ``latent_traversal.png`` for image data, and ``latent_scatter.png`` always.
-    ``context`` is not used.
-    """
-    split = grids.first_split(data)
-    x = np.asarray(data.x[split], dtype="float32")
-    y = data.y.get(split)
-    vrange = value_range_of(data)
-    if data.is_image:
-        yield "reconstructions.png", plot_reconstructions(model, x, vrange)
-        if model.latent_dim == 2:
-            yield "latent_manifold.png", plot_latent_manifold(model, vrange)
-    yield "latent_scatter.png", plot_latent_scatter(model, x, y)
-    if data.is_image:
-        yield "samples.png", plot_samples(model, vrange)
-        yield "latent_traversal.png", plot_latent_traversal(model, x)

@@ -35,7 +35,7 @@ def register_models(register):
         description="Wasserstein GAN with gradient penalty (loss term gp).",
         task="generative",
         loss_weights=("gp",),
-        plots="dlpipe.models.wgan_gp.model:plots",
+        plots="dlpipe.models.gan.plots:plots",
         callbacks="dlpipe.models.wgan_gp.model:callbacks",
         example_params={**_TINY, "critic_steps": 2},
     )

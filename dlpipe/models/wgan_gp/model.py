@@ -12,8 +12,9 @@ The penalty's weight is the named loss term ``gp`` (default 10, as in the paper)
 ``train.loss_weights.gp`` sets it and the tune stage can search it. Training reports
 ``d_loss`` (the critic's loss, weighted penalty included), ``g_loss``,
 ``wasserstein`` (the estimate, on the last critic step) and ``gp`` (the unweighted
-penalty). Networks, optimizers, sampling (``generate_samples``), sample grids and
-saving are shared with :mod:`dlpipe.models.gan.model`.
+penalty). Optimizers, sampling (``generate_samples``) and saving are
+:mod:`dlpipe.models.adversarial`'s; the networks and sample grids are the GAN's
+(:mod:`dlpipe.models.gan.model`, :mod:`dlpipe.models.gan.plots`).
 
 Under ``precision: mixed_float16`` the critic computes in float16 but its score is
 float32, and the penalty is formed in float32 from the float32 interpolations; the
@@ -33,11 +34,14 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from dlpipe.data import DataBundle
+from dlpipe.models.adversarial import AdversarialModel
 from dlpipe.models.common import apply_gradients, replica_scaled
 from dlpipe.models.gan import model as gan
+from dlpipe.models.grids import value_range_of
+from dlpipe.models.wgan_gp import WGANGPParams
 
-plots = gan.plots
-callbacks = gan.callbacks
+callbacks = gan.callbacks  # the registered hook: the GAN's fixed-noise sample grids
 
 
 def gradient_penalty(
@@ -66,13 +70,13 @@ def gradient_penalty(
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
-class WGANGP(gan.AdversarialModel):
+class WGANGP(AdversarialModel):
     """A generator and a critic trained with the Wasserstein loss and a gradient penalty.
 
     :param critic_steps: critic updates per generator update (per batch; every critic
         step sees the same real batch and fresh noise).
 
-    See :class:`dlpipe.models.gan.model.AdversarialModel` for the other parameters; the
+    See :class:`dlpipe.models.adversarial.AdversarialModel` for the other parameters; the
     critic is its ``discriminator`` and ``d_optimizer``.
     """
 
@@ -147,7 +151,7 @@ class WGANGP(gan.AdversarialModel):
         return {**super().get_config(), "critic_steps": self.critic_steps}
 
 
-def build(params: Any, data: Any) -> WGANGP:
+def build(params: WGANGPParams, data: DataBundle) -> WGANGP:
     """The registered builder: a built, uncompiled :class:`WGANGP` for ``data``."""
     gan.check_params(params, data, "wgan_gp", conditional=False)
     shape = tuple(data.input_shape)
@@ -157,7 +161,7 @@ def build(params: Any, data: Any) -> WGANGP:
         params.architecture,
         params.latent_dim,
         filters,
-        gan.output_activation(params.output_activation, gan.value_range_of(data)),
+        gan.output_activation(params.output_activation, value_range_of(data)),
         batchnorm=params.batchnorm,
     )
     critic = gan.build_discriminator(shape, params.architecture, filters, 0.0, name="critic")

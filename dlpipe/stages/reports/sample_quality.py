@@ -58,7 +58,7 @@ import numpy as np
 
 from dlpipe import paths
 from dlpipe.errors import DlpipeError
-from dlpipe.models.grids import labels_of
+from dlpipe.models.grids import labels_of, value_range_of
 
 # --------------------------------------------------------------------------------------
 # The scores: small pure-NumPy functions
@@ -178,7 +178,7 @@ def classifier_key(data: Any, settings: dict[str, Any]) -> str:
     digest.update(json.dumps(settings, sort_keys=True).encode())
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(data.name)).strip("-") or "data"
     shape = "x".join(str(d) for d in data.input_shape)
-    low, high = (float(v) for v in data.value_range)
+    low, high = value_range_of(data)
     return f"{name}-{shape}-range{low:g}_{high:g}-{digest.hexdigest()[:16]}"
 
 
@@ -358,7 +358,7 @@ def sample_quality(ctx: Any, params: Any) -> None:
     k = int(data.num_classes)
     names = [str(n) for n in data.class_names][:k] or [str(i) for i in range(k)]
     names += [str(i) for i in range(len(names), k)]
-    low, high = (float(v) for v in data.value_range)
+    low, high = value_range_of(data)
     min_share = params.coverage_share if params.coverage_share is not None else 1.0 / (2 * k)
 
     classifier, trained, path = quality_classifier(data, params.classifier, params.seed)
