@@ -10,8 +10,11 @@ import textwrap
 
 import pytest
 
+from dlpipe import Params, hookimpl
 from dlpipe.cli import main
+from dlpipe.engine import run_pipeline
 from dlpipe.errors import SpecError
+from dlpipe.plugins import load_plugins
 from dlpipe.spec import load_yaml, validate
 
 SPEC = """\
@@ -272,6 +275,7 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(workdir):
     import time
 
     import optuna
+    import sqlalchemy
 
     spec = write_spec(workdir / "t.yaml", BASIC.replace("n_trials: 2", """n_trials: 3
 heartbeat_interval: 1
@@ -287,7 +291,8 @@ grace_period: 4"""))
             time.sleep(0.5)
             try:
                 study = load_study()
-            except (AssertionError, KeyError, optuna.exceptions.StorageInternalError):
+            except (AssertionError, KeyError, optuna.exceptions.StorageInternalError,
+                    sqlalchemy.exc.OperationalError):  # mlruns/ or the study not there yet
                 continue
             for t in study.get_trials(deepcopy=False):
                 if t.state.name == "RUNNING" and t.user_attrs.get("dlpipe.pid") == victim.pid:
@@ -308,3 +313,56 @@ grace_period: 4"""))
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
     assert len(by_state["COMPLETE"]) == 3  # the budget, with the killed trial run again
+
+
+class Featurizer:
+    """A plugin's own kind that prepares data (``provides: data``); counts its runs."""
+
+    __name__ = "featurizer"
+
+    class P(Params):
+        scale: float = 1.0
+
+    def __init__(self):
+        self.runs = 0
+
+    @hookimpl
+    def register_stages(self, register):
+        def featurize(ctx, params):
+            self.runs += 1
+
+        register("featurize", "scale", featurize, self.P, "Counts its runs.",
+                 needs=("data",), provides=("data",))
+
+
+PREPARED = """\
+name: tune-prepared
+experiment: tune-tests
+seed: 1
+tracking: {enabled: false}
+stages:
+  - {kind: data, use: xor, params: {repeats: 4}}
+  - {kind: featurize, use: scale}
+  - {kind: model, use: mlp, params: {hidden: [4]}}
+  - {kind: train, use: keras_fit, params: {epochs: 1, batch_size: 16}}
+  - kind: tune
+    use: optuna
+    params:
+      space: {%s: {type: float, low: 0.01, high: 0.1}}
+      objective: {metric: val_loss}
+      n_trials: 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("path", "runs"), [
+    ("train.optimizer.learning_rate", 1),  # prepared once, like a data stage
+    ("featurize.scale", 2),  # the space writes into it: once per trial
+])
+def test_a_plugin_stage_that_prepares_data_runs_once(workdir, path, runs):
+    plugin = Featurizer()
+    host = load_plugins(plugin_dirs=[], entry_points=False, extra=[plugin])
+    spec = validate(load_yaml(PREPARED % path, "p.yaml"), host.registry)
+    run_pipeline(spec, host)
+    assert len(load_study("tune-prepared").trials) == 2
+    assert plugin.runs == runs

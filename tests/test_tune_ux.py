@@ -98,15 +98,15 @@ def test_a_run_prints_no_tensorflow_startup_lines(repo, tmp_path):
 def test_the_dashboard_command_hides_passwords_and_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from dlpipe.stages.tune import study as tune
+    from dlpipe.stages.tune import report
 
-    assert tune.dashboard_command("postgresql://me:secret@db/optuna") == (
+    assert report.dashboard_command("postgresql://me:secret@db/optuna") == (
         "optuna-dashboard 'postgresql://me:***@db/optuna'")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert tune.dashboard_hint("sqlite:////x/optuna.db") == (
+    assert report.dashboard_hint("sqlite:////x/optuna.db") == (
         "`optuna-dashboard sqlite:////x/optuna.db` (pip install optuna-dashboard)")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
-    assert tune.dashboard_hint("sqlite:////x/optuna.db") == "`optuna-dashboard sqlite:////x/optuna.db`"
+    assert report.dashboard_hint("sqlite:////x/optuna.db") == "`optuna-dashboard sqlite:////x/optuna.db`"
 
 
 SPEC = """\
@@ -176,6 +176,6 @@ def test_a_study_links_optuna_and_mlflow(workdir, capsys):
 
 def optuna_choice(value):
     """A categorical choice as the tune stage stores it (lists travel as JSON text)."""
-    from dlpipe.stages.tune.study import decode
+    from dlpipe.stages.tune.trial import decode
 
     return decode(value)

@@ -12,10 +12,11 @@ A ``tune`` stage names its search space by the dotted paths ``--set`` uses::
         objective: {metric: val_loss, direction: minimize}
         n_trials: 20
 
-Each trial runs the earlier stages with the sampled values as a nested run; the data
-stages run once. The stage is registered with ``runs_previous=True``, so the engine
-hands it those stages instead of running them itself. The code is in
-:mod:`dlpipe.stages.tune.study`; this module stays light (no Optuna, no TensorFlow).
+Each trial runs the earlier stages with the sampled values as a nested run; the stages
+that prepare data (registered as providing ``data``) run once. The stage is registered
+with ``runs_previous=True``, so the engine hands it those stages instead of running
+them itself. The code starts in :mod:`dlpipe.stages.tune.stage`; this module stays
+light (no Optuna, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def register_stages(register):
     register(
         "tune",
         "optuna",
-        run="dlpipe.stages.tune.study:optuna_tune",
+        run="dlpipe.stages.tune.stage:optuna_tune",
         params=TuneParams,
         description="Optuna study over the earlier stages: pruning, nested MLflow runs, "
         "resumable and parallel.",
