@@ -203,7 +203,7 @@ def as_np(value):
 
 
 def test_encode_targets_puts_each_box_in_the_cell_of_its_centre():
-    from dlpipe.models.yolo.model import encode_targets
+    from dlpipe.models.yolo.loss import encode_targets
 
     y = np.array(
         [
@@ -230,7 +230,7 @@ def test_encode_targets_puts_each_box_in_the_cell_of_its_centre():
 
 def perfect_prediction(y, grid=4, boxes=2, classes=3):
     """The model output that matches ``y`` exactly (predictor 0 responsible)."""
-    from dlpipe.models.yolo.model import encode_targets
+    from dlpipe.models.yolo.loss import encode_targets
 
     t = {k: as_np(v) for k, v in encode_targets(y, grid, classes).items()}
     out = np.zeros((len(y), grid, grid, 5 * boxes + classes), dtype="float32")
@@ -242,7 +242,7 @@ def perfect_prediction(y, grid=4, boxes=2, classes=3):
 
 
 def test_yolo_loss_is_zero_for_a_perfect_prediction_and_each_term_sees_its_error():
-    from dlpipe.models.yolo.model import yolo_loss_terms
+    from dlpipe.models.yolo.loss import yolo_loss_terms
 
     y = tiny_bundle().y["train"][:4]
     perfect = perfect_prediction(y)
@@ -272,8 +272,9 @@ def test_yolo_loss_is_zero_for_a_perfect_prediction_and_each_term_sees_its_error
 def test_loss_terms_are_named_and_their_weights_change_the_loss():
     import keras
 
+    from dlpipe.errors import DlpipeError
     from dlpipe.models.common import set_loss_weights
-    from dlpipe.models.yolo.model import LOSS_TERMS
+    from dlpipe.models.yolo.loss import LOSS_TERMS
 
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -296,7 +297,7 @@ def test_loss_terms_are_named_and_their_weights_change_the_loss():
     # each term is reported (unweighted) as <term>_loss
     reported = {m.name: float(as_np(m.result())) for m in model.metrics if m.name != "loss"}
     assert reported == pytest.approx({f"{k}_loss": v for k, v in terms.items()}, rel=1e-5)
-    with pytest.raises(ValueError, match="no loss term"):
+    with pytest.raises(DlpipeError, match="no loss term"):
         set_loss_weights(model, {"kl": 1.0})
 
 
@@ -324,7 +325,7 @@ def test_yolo_output_layout_detect_and_save_reload(tmp_path):
 
 
 def test_dense_head_predicts_any_grid_from_the_whole_image():
-    from dlpipe.models.yolo.model import yolo_loss_terms
+    from dlpipe.models.yolo.loss import yolo_loss_terms
 
     model = tiny_model(grid=3, head="dense", dropout=0.1, batch_norm=False)  # 16 px, 3 cells
     data = tiny_bundle()

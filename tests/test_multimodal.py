@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dlpipe.datasets import captions as cap  # noqa: E402
-from dlpipe.datasets.sequences import END_ID, PAD_ID  # noqa: E402
+from dlpipe.datasets.vocab import END_ID, PAD_ID  # noqa: E402
 from dlpipe.models.captioner import CaptionerParams  # noqa: E402
 from dlpipe.models.captioner import model as captioner  # noqa: E402
 from dlpipe.models.clip import CLIPParams  # noqa: E402

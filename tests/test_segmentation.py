@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dlpipe.data import DataBundle  # noqa: E402
+from dlpipe.errors import DlpipeError  # noqa: E402
 from dlpipe.models.unet import UNetParams  # noqa: E402
 from dlpipe.models.unet import model as unet  # noqa: E402
 from dlpipe.stages.reports import segmentation as report  # noqa: E402
@@ -150,10 +151,10 @@ def test_options_batchnorm_dropout_convs():
 
 
 def test_sizes_that_do_not_divide_are_refused():
-    with pytest.raises(ValueError, match="divide by 8"):
+    with pytest.raises(DlpipeError, match="divide by 8"):
         unet.build(UNetParams(depth=3), seg_data(size=12))
     flat = DataBundle(x={"train": np.zeros((2, 5), "float32")}, y={"train": None}, num_classes=2)
-    with pytest.raises(ValueError, match="needs images"):
+    with pytest.raises(DlpipeError, match="needs images"):
         unet.build(UNetParams(), flat)
 
 

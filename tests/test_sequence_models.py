@@ -11,13 +11,25 @@ import numpy as np
 import pytest
 
 from dlpipe.datasets import sequences as sd
+from dlpipe.datasets.bundles import SeqBundle, load_vocabularies, tokenize
+from dlpipe.datasets.vocab import (
+    END_ID,
+    PAD_ID,
+    SPECIALS,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    char_vocabulary,
+    encode_texts,
+    learn_bpe,
+)
 
 # --------------------------------------------------------------------------- helpers
 
 
 def tiny_bundle(n=240, alphabet="abcd", min_length=2, max_length=5, reverse=True, seed=0):
     pairs = sd.reverse_pairs(n, alphabet, min_length, max_length, reverse=reverse, seed=seed)
-    return sd.tokenize("tiny", sd.split_pairs(pairs, 0.1, 0.1, seed))
+    return tokenize("tiny", sd.split_pairs(pairs, 0.1, 0.1, seed))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +60,8 @@ def test_generation_is_deterministic_given_a_seed():
     ):
         assert make(5) == make(5)
         assert make(5) != make(6)
-    a = sd.tokenize("d", sd.split_pairs(sd.date_pairs(300, seed=1), 0.1, 0.1, 1))
-    b = sd.tokenize("d", sd.split_pairs(sd.date_pairs(300, seed=1), 0.1, 0.1, 1))
+    a = tokenize("d", sd.split_pairs(sd.date_pairs(300, seed=1), 0.1, 0.1, 1))
+    b = tokenize("d", sd.split_pairs(sd.date_pairs(300, seed=1), 0.1, 0.1, 1))
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(a.x[split], b.x[split])
         np.testing.assert_array_equal(a.y[split], b.y[split])
@@ -91,20 +103,20 @@ def test_plugin_date_formats_match_the_generator():
 
 def test_vocabularies_round_trip():
     texts = ["23 November 2026", "nov 23, 2026", "12 November 1999"] * 5
-    char = sd.char_vocabulary(texts)
-    assert char.tokens[:4] == list(sd.SPECIALS)
+    char = char_vocabulary(texts)
+    assert char.tokens[:4] == list(SPECIALS)
     for text in texts:
         assert char.decode(char.encode(text)) == text
-    assert char.encode("Z") == [sd.UNK_ID]
+    assert char.encode("Z") == [UNK_ID]
 
-    bpe = sd.learn_bpe(texts, vocab_size=40)
+    bpe = learn_bpe(texts, vocab_size=40)
     assert bpe.level == "subword" and len(bpe.merges) > 0 and bpe.size <= 40
     for text in texts:
         ids = bpe.encode(text)
         assert bpe.decode(ids) == text
         assert len(ids) < len(text)  # subwords compress
     assert max(len(t) for t in bpe.split("23 November 2026")) >= 3
-    again = sd.Vocabulary.from_dict(json.loads(json.dumps(bpe.to_dict())))
+    again = Vocabulary.from_dict(json.loads(json.dumps(bpe.to_dict())))
     assert again.encode("nov 23, 2026") == bpe.encode("nov 23, 2026")
 
 
@@ -114,25 +126,26 @@ def test_bundle_layout_and_teacher_forcing_dataset():
     src, tgt = data.texts["train"][0][0], data.texts["train"][1][0]
     row = data.y["train"][0]
     assert data.target_vocab.decode(row) == tgt and data.source_vocab.decode(data.x["train"][0]) == src
-    assert row[len(tgt)] == sd.END_ID and np.all(row[len(tgt) + 1 :] == sd.PAD_ID)
+    assert row[len(tgt)] == END_ID and np.all(row[len(tgt) + 1 :] == PAD_ID)
 
     inputs, y, weights = next(iter(data.dataset("train", 8)))
     y = y.numpy()
     dec = inputs["decoder_inputs"].numpy()
     np.testing.assert_array_equal(inputs["encoder_inputs"].numpy(), data.x["train"][:8])
-    assert np.all(dec[:, 0] == sd.START_ID)
+    assert np.all(dec[:, 0] == START_ID)
     np.testing.assert_array_equal(dec[:, 1:], y[:, :-1])
-    np.testing.assert_array_equal(weights.numpy(), (y != sd.PAD_ID).astype("float32"))
+    np.testing.assert_array_equal(weights.numpy(), (y != PAD_ID).astype("float32"))
 
 
 def test_tokenizer_stage_retokenizes_and_logs_the_vocabulary(tmp_path):
     logged = []
-    data = sd.tokenize("dates", sd.split_pairs(sd.date_pairs(400, seed=0), 0.1, 0.1, 0))
+    data = tokenize("dates", sd.split_pairs(sd.date_pairs(400, seed=0), 0.1, 0.1, 0))
     ctx = SimpleNamespace(data=data, extras={}, run_dir=tmp_path, stage=SimpleNamespace(id="tok"),
                           log_artifact=lambda path, folder="": logged.append((str(path), folder)))
     from dlpipe.stages.sequences import TokenizerParams
+    from dlpipe.stages.sequences.stage import tokenizer
 
-    sd.tokenizer(ctx, TokenizerParams(level="subword", vocab_size=120))
+    tokenizer(ctx, TokenizerParams(level="subword", vocab_size=120))
     bundle = ctx.data
     assert bundle is not data and bundle.source_vocab.level == "subword"
     assert bundle.source_length < data.source_length
@@ -141,7 +154,7 @@ def test_tokenizer_stage_retokenizes_and_logs_the_vocabulary(tmp_path):
         for i, text in enumerate(bundle.texts[split][0][:20]):
             assert bundle.source_vocab.decode(bundle.x[split][i]) == text
     assert logged == [(str(tmp_path / "vocab" / "vocab.json"), "vocab")]
-    source, target = sd.load_vocabularies(tmp_path / "vocab" / "vocab.json")
+    source, target = load_vocabularies(tmp_path / "vocab" / "vocab.json")
     assert source.tokens == bundle.source_vocab.tokens and target.level == "subword"
 
 
@@ -353,7 +366,7 @@ def test_addition_pipeline_end_to_end(workdir, repo, capsys):
             "plots/attention_0.png", "plots/accuracy_by_length.png"} <= names
 
     vocab_file = client.download_artifacts(run.info.run_id, "vocab/vocab.json", str(workdir))
-    source_vocab, target_vocab = sd.load_vocabularies(vocab_file)
+    source_vocab, target_vocab = load_vocabularies(vocab_file)
     assert set("0123456789+") <= set(source_vocab.tokens)
     local = client.download_artifacts(run.info.run_id, "model/model.keras", str(workdir))
     model = keras.saving.load_model(local)
@@ -364,7 +377,7 @@ def test_addition_pipeline_end_to_end(workdir, repo, capsys):
     probs = model.predict(src, verbose=0)
     assert probs.shape == (3, model.target_length, target_vocab.size)
     # the compile config came back too: teacher-forced evaluation reports our metrics
-    y = sd.encode_texts(["46", "10", "1000"], target_vocab, model.target_length, end=True)
-    inputs = {"encoder_inputs": src, "decoder_inputs": sd.SeqBundle.decoder_inputs(y)}
+    y = encode_texts(["46", "10", "1000"], target_vocab, model.target_length, end=True)
+    inputs = {"encoder_inputs": src, "decoder_inputs": SeqBundle.decoder_inputs(y)}
     results = model.evaluate(inputs, y, return_dict=True, verbose=0)
     assert {"loss", "sequence_accuracy", "token_accuracy"} <= set(results)

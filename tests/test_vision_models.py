@@ -160,7 +160,7 @@ def test_inception_aux_loss_weights_are_named_and_change_the_loss():
     )
     # evaluation is the main head's cross-entropy, whatever the weights
     assert float(model.compute_loss(x, y, heads[0], training=False)) == pytest.approx(ce[0], rel=1e-5)
-    with pytest.raises(ValueError, match="aux3"):
+    with pytest.raises(DlpipeError, match="aux3"):
         set_loss_weights(model, {"aux3": 1.0})
 
 
@@ -382,7 +382,7 @@ def test_lenet_pipeline_end_to_end(workdir, repo, capsys):
     assert model.count_params() == 61_706
     from sklearn.datasets import load_digits
 
-    from dlpipe.stages.data.loaders import resize_images
+    from dlpipe.data import resize_images
 
     digits = load_digits()
     x = resize_images(digits.images[:300, :, :, None].astype("float32"), (32, 32))

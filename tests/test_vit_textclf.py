@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from dlpipe.datasets import sequences as sd
+from dlpipe.datasets.vocab import PAD_ID, Vocabulary, encode_texts
+from dlpipe.errors import DlpipeError
 from dlpipe.stages.reports.seq2seq import accuracy_by_bucket, bucket_metrics, length_buckets
 
 
@@ -62,7 +64,7 @@ def test_vit_rejects_images_that_do_not_tile(host):
     from dlpipe.testing import synthetic_bundle
 
     data = synthetic_bundle("classification", n=4, shape=(10, 10, 1))
-    with pytest.raises(ValueError, match="does not split into 4x4 patches"):
+    with pytest.raises(DlpipeError, match="does not split into 4x4 patches"):
         build(host, "vit", data, patch_size=4)
 
 
@@ -79,14 +81,14 @@ def _padded(data, extra):
 def test_text_classifier_respects_the_padding_mask(host, pooling):
     data = sd.arith_example_bundle(n=80, seed=1)
     x = data.x["test"]
-    assert np.any(x == sd.PAD_ID), "the test needs padded rows"
+    assert np.any(x == PAD_ID), "the test needs padded rows"
     model = build(host, "transformer_classifier", data, dropout=0.0, pooling=pooling)
     base = np.asarray(model(x, training=False))
 
     # 1) what the padded positions hold does not matter: give PAD a random embedding
     table = model.embedding.token_embedding.embeddings
     weights = np.asarray(table).copy()
-    weights[sd.PAD_ID] = np.random.default_rng(0).normal(0.0, 5.0, weights.shape[1])
+    weights[PAD_ID] = np.random.default_rng(0).normal(0.0, 5.0, weights.shape[1])
     table.assign(weights)
     np.testing.assert_allclose(np.asarray(model(x, training=False)), base, atol=1e-5)
 
@@ -136,7 +138,7 @@ def test_text_classifier_learned_positions_and_attention_maps(host):
     length = 1 + x.shape[1]  # [cls] + tokens
     assert maps[0].shape == (3, 2, length, length)
     np.testing.assert_allclose(maps[0].sum(-1), 1.0, rtol=1e-5)
-    real = np.concatenate([np.ones((3, 1), bool), x != sd.PAD_ID], axis=1)
+    real = np.concatenate([np.ones((3, 1), bool), x != PAD_ID], axis=1)
     # no query gives weight to a padded key
     assert np.all(maps[-1] * ~real[:, None, None, :] == 0.0)
 
@@ -144,7 +146,7 @@ def test_text_classifier_learned_positions_and_attention_maps(host):
 def test_text_classifier_rejects_images(host):
     from dlpipe.testing import synthetic_bundle
 
-    with pytest.raises(ValueError, match="needs token ids"):
+    with pytest.raises(DlpipeError, match="needs token ids"):
         build(host, "transformer_classifier", synthetic_bundle("classification"))
 
 
@@ -191,12 +193,13 @@ def test_arith_check_stage_splits_tokenizes_and_logs_the_vocabulary(tmp_path):
     from types import SimpleNamespace
 
     from dlpipe.stages.sequences import ArithCheckParams
+    from dlpipe.stages.sequences.stage import arith_check
 
     logged = []
     ctx = SimpleNamespace(data=None, extras={}, run_dir=tmp_path, seed=0,
                           stage=SimpleNamespace(id="data"),
                           log_artifact=lambda path, folder="": logged.append((str(path), folder)))
-    sd.arith_check(ctx, ArithCheckParams(n=1000, val_fraction=0.1, test_fraction=0.2))
+    arith_check(ctx, ArithCheckParams(n=1000, val_fraction=0.1, test_fraction=0.2))
     data = ctx.data
     assert data.task == "classification" and data.num_classes == 2
     assert data.class_names == ["wrong", "correct"]
@@ -315,11 +318,11 @@ def test_arith_pipeline_logs_accuracy_plots_vocab_and_a_loadable_model(workdir, 
 
     vocab_file = client.download_artifacts(rid, "vocab/vocab.json", str(workdir))
     with open(vocab_file, encoding="utf-8") as f:
-        vocab = sd.Vocabulary.from_dict(json.load(f)["source"])
+        vocab = Vocabulary.from_dict(json.load(f)["source"])
     texts, labels = sd.arith_check_examples(600, seed=42)
     test_texts, test_labels = sd.split_labelled(texts, labels, 0.1, 0.1, 42)["test"]
     model = _reloaded(client, run, workdir)
-    ids = sd.encode_texts(test_texts, vocab, int(model.max_length), end=False)
+    ids = encode_texts(test_texts, vocab, int(model.max_length), end=False)
     probs = np.asarray(model.predict(ids, verbose=0))
     assert probs.shape == (len(test_texts), 2)
     accuracy = float(np.mean(probs.argmax(axis=1) == np.asarray(test_labels)))

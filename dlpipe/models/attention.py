@@ -1,4 +1,5 @@
-"""Attention building blocks shared by the seq2seq and transformer architectures.
+"""Attention building blocks shared by the sequence, vision-transformer and image-text
+architectures.
 
 Masks are boolean and mean "may attend": ``True`` keeps a score, ``False`` removes it
 (its weight becomes exactly 0). They broadcast against the scores ``(..., Tq, Tk)``.
@@ -13,6 +14,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import layers, ops
+
+from dlpipe.errors import DlpipeError
 
 #: Added to masked scores before the softmax (float32), so their weight underflows to 0.
 MASK_VALUE = -1e9
@@ -152,7 +155,7 @@ class MultiHeadAttention(layers.Layer):
     def __init__(self, num_heads: int, d_model: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if d_model % num_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+            raise DlpipeError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.d_model = d_model
         self.depth = d_model // num_heads
@@ -207,7 +210,7 @@ class PositionalEmbedding(layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         if kind not in ("sinusoidal", "learned"):
-            raise ValueError(f"positional encoding must be sinusoidal or learned, not {kind!r}")
+            raise DlpipeError(f"positional encoding must be sinusoidal or learned, not {kind!r}")
         self.vocab_size = vocab_size
         self.length = length
         self.d_model = d_model

@@ -1,7 +1,8 @@
-"""Helpers for models that write their own losses in a custom ``train_step``.
+"""Code that several architectures share.
 
-Keras scales the losses it computes itself for ``tf.distribute`` and mixed precision;
-a hand-written loss must do both explicitly. A typical ``train_step``::
+**Hand-written losses.** Keras scales the losses it computes itself for ``tf.distribute``
+and mixed precision; a hand-written loss must do both explicitly. A typical
+``train_step``::
 
     with tf.GradientTape() as tape:
         total, terms = self.loss_terms(x, training=True)
@@ -11,6 +12,10 @@ a hand-written loss must do both explicitly. A typical ``train_step``::
 Loss-term weights live in non-trainable variables (:func:`make_loss_weights`) that the
 model exposes as ``loss_weights``; the train stage assigns a spec's ``loss_weights``
 to them, and callbacks may change them between epochs (KL warm-up) without retracing.
+
+**Building blocks.** The input checks, width multiplier, stem choice and batch-norm
+momentum of the CNN classifiers; the encoder trunk of the autoencoder and the VAE;
+instance normalization.
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
+
+#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
+#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
+BN_MOMENTUM = 0.9
+
+
+class LossWeightsError(DlpipeError, ValueError):
+    """A loss-term weight names a term the model does not have. Also a ``ValueError``,
+    for callers that catch that."""
 
 
 def replica_scaled(loss: Any) -> Any:
@@ -54,6 +71,16 @@ def apply_gradients(
     optimizer.apply(grads, variables)
 
 
+def batch_mean(values: Any, sample_weight: Any = None) -> Any:
+    """The mean of per-example ``values`` ``(batch,)``, weighted by ``sample_weight``
+    when given (float32)."""
+    ops = keras.ops
+    if sample_weight is None:
+        return ops.mean(values)
+    sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(values)), "float32")
+    return ops.sum(values * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
+
+
 def make_loss_weights(names: Iterable[str], initial: Mapping[str, float] | None = None) -> dict:
     """One non-trainable float32 scalar ``keras.Variable`` per loss term, by name.
 
@@ -71,23 +98,50 @@ def make_loss_weights(names: Iterable[str], initial: Mapping[str, float] | None 
             name=f"{name}_weight",
         )
     if initial:
-        raise ValueError(f"initial weights for unknown loss terms: {sorted(initial)}")
+        raise LossWeightsError(f"initial weights for unknown loss terms: {sorted(initial)}")
     return weights
 
 
 def set_loss_weights(model: Any, weights: Mapping[str, float]) -> None:
     """Assign ``weights`` (term name -> value) to ``model.loss_weights``.
 
-    Raises ``ValueError`` naming the model's terms when a name is not one of them.
+    Raises :class:`LossWeightsError` naming the model's terms when a name is not one of
+    them.
     """
     terms = getattr(model, "loss_weights", None) or {}
     unknown = sorted(set(weights) - set(terms))
     if unknown:
-        raise ValueError(
+        raise LossWeightsError(
             f"model has no loss term(s) {unknown}; its terms are {sorted(terms) or 'none'}"
         )
     for name, value in weights.items():
         terms[name].assign(float(value))
+
+
+def image_classifier_inputs(name: str, data: DataBundle) -> tuple[tuple[int, ...], int]:
+    """``(input shape, number of classes)`` of ``data`` for the image classifier
+    ``name``; raises :class:`DlpipeError` unless it holds images of at least 2 classes."""
+    input_shape = tuple(data.input_shape)
+    classes = int(data.num_classes or 0)
+    if len(input_shape) != 3:
+        raise DlpipeError(
+            f"{name} needs images (height, width, channels), got input shape {input_shape}"
+        )
+    if classes < 2:
+        raise DlpipeError(f"{name}: a classifier needs at least 2 classes, got {classes}")
+    return input_shape, classes
+
+
+def scaled(n: int, width: float) -> int:
+    """``n`` times the width multiplier, rounded, at least 1."""
+    return max(1, int(round(n * width)))
+
+
+def stem_kind(stem: str, input_shape: tuple[int, ...]) -> str:
+    """The spec's ``stem``; ``auto`` is ``imagenet`` from 64x64 up, else ``small``."""
+    if stem != "auto":
+        return str(stem)
+    return "imagenet" if min(input_shape[:2]) >= 64 else "small"
 
 
 def encoder_trunk(inputs: Any, kind: str, hidden: Iterable[int], activation: str) -> Any:

@@ -1,4 +1,4 @@
-"""What the encoder-decoder architectures share: the model base class, sequence
+"""What the encoder-decoder architectures share: the model base classes, sequence
 metrics, greedy and beam-search decoding, and attention heat-maps.
 
 An :class:`EncoderDecoder` is called two ways:
@@ -16,19 +16,21 @@ methods every such model has: ``encode(src)`` returns the encoder's memory and
 ``dec``. Decoders are causal, so the output at position ``t`` depends only on
 ``dec[:, :t+1]``; decoding fills ``dec`` one position at a time.
 
-Token ids follow :mod:`dlpipe.datasets.sequences`: 0 padding, 1 start, 2 end.
+Token ids follow :mod:`dlpipe.datasets.vocab`: 0 padding, 1 start, 2 end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-PAD_ID, START_ID, END_ID = 0, 1, 2
+from dlpipe.data import DataBundle
+from dlpipe.datasets.vocab import END_ID, PAD_ID, START_ID
+from dlpipe.errors import DlpipeError
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -115,17 +117,44 @@ def sequence_scores(predicted: np.ndarray, target: np.ndarray) -> tuple[float, f
 
 
 # --------------------------------------------------------------------------------------
-# The base class
+# The base classes
 # --------------------------------------------------------------------------------------
 
 
-class EncoderDecoder(keras.Model):
+class NextTokenModel(keras.Model):
+    """A model that outputs next-token probabilities ``(b, T, V)``: the base of
+    :class:`EncoderDecoder` and of :class:`~dlpipe.models.captioner.model.Captioner`.
+
+    ``compile`` defaults the loss to ``sparse_categorical_crossentropy`` (the model
+    outputs probabilities) and always adds the ``sequence_accuracy`` and
+    ``token_accuracy`` metrics.
+    """
+
+    def compile(self, optimizer: Any = "adam", loss: Any = None, metrics: Any = None,
+                **kwargs: Any) -> None:
+        if loss is None:
+            loss = "sparse_categorical_crossentropy"
+        metrics = list(metrics or [])
+        names = {m if isinstance(m, str) else getattr(m, "name", None) for m in metrics}
+        for metric in (SequenceAccuracy, TokenAccuracy):
+            instance = metric()
+            if instance.name not in names:
+                metrics.append(instance)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        # Keras skips re-compiling on load when compile() is overridden; ours only adds
+        # defaults, so compile from the saved config as Keras would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+
+class EncoderDecoder(NextTokenModel):
     """Base class of :class:`~dlpipe.models.seq2seq.model.Seq2Seq` and
     :class:`~dlpipe.models.transformer.model.Transformer` (see the module docstring).
 
-    Subclasses implement ``encode`` and ``decode``. ``compile`` defaults the loss to
-    ``sparse_categorical_crossentropy`` (the model outputs probabilities) and always
-    adds the ``sequence_accuracy`` and ``token_accuracy`` metrics.
+    Subclasses implement ``encode`` and ``decode``.
     """
 
     def __init__(
@@ -174,25 +203,6 @@ class EncoderDecoder(keras.Model):
         self.decode(memory, src, dec, training=False)
         self.built = True
 
-    def compile(self, optimizer: Any = "adam", loss: Any = None, metrics: Any = None,
-                **kwargs: Any) -> None:
-        if loss is None:
-            loss = "sparse_categorical_crossentropy"
-        metrics = list(metrics or [])
-        names = {m if isinstance(m, str) else getattr(m, "name", None) for m in metrics}
-        for metric in (SequenceAccuracy, TokenAccuracy):
-            instance = metric()
-            if instance.name not in names:
-                metrics.append(instance)
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def compile_from_config(self, config: dict[str, Any]) -> None:
-        # Keras skips re-compiling on load when compile() is overridden; ours only adds
-        # defaults, so compile from the saved config as Keras would.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
     def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
@@ -203,10 +213,10 @@ class EncoderDecoder(keras.Model):
         }
 
 
-def check_sequence_data(name: str, data: Any) -> None:
-    """Raise a clear error when ``data`` is not a tokenized sequence bundle."""
+def check_sequence_data(name: str, data: DataBundle) -> None:
+    """Raise :class:`DlpipeError` when ``data`` is not a tokenized sequence bundle."""
     if getattr(data, "source_vocab", None) is None or getattr(data, "target_vocab", None) is None:
-        raise ValueError(
+        raise DlpipeError(
             f"{name}: needs a sequence bundle with source and target vocabularies (task "
             f"seq2seq, from a seq_* data stage), got {type(data).__name__} "
             f"'{getattr(data, 'name', '?')}' with task {getattr(data, 'task', '?')!r}"
@@ -222,16 +232,28 @@ def greedy_probabilities(model: EncoderDecoder, encoder_ids: Any) -> Any:
     """In-graph greedy decoding: ``(b, target_length, V)`` probabilities of the tokens
     chosen greedily (``argmax`` gives the decoded ids)."""
     encoder_ids = ops.cast(encoder_ids, "int32")
-    length = model.target_length
-    batch = ops.shape(encoder_ids)[0]
     memory = model.encode(encoder_ids, training=False)
+    return greedy_loop(
+        lambda ids: model.decode(memory, encoder_ids, ids, training=False)[0],
+        ops.shape(encoder_ids)[0],
+        model.target_length,
+    )
+
+
+def greedy_loop(next_probabilities: Callable[[Any], Any], batch: Any, length: int) -> Any:
+    """The in-graph greedy loop: decoder ids start as ``START`` then padding, and each
+    pass writes the argmax at position ``t`` into position ``t + 1``.
+
+    :param next_probabilities: ``(b, length)`` decoder ids -> ``(b, length, V)``.
+    :returns: the probabilities of the last pass.
+    """
     positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
     decoder_ids = ops.where(
         ops.equal(positions, 0), START_ID, ops.zeros((batch, length), dtype="int32")
     )
     probs = None
     for t in range(length):
-        probs, _ = model.decode(memory, encoder_ids, decoder_ids, training=False)
+        probs = next_probabilities(decoder_ids)
         if t + 1 < length:
             token = ops.cast(ops.argmax(probs[:, t], axis=-1), "int32")
             decoder_ids = ops.where(
@@ -405,7 +427,7 @@ def attention_figure(
     return fig
 
 
-def attention_maps(model: Any, data: Any, split: str = "test", n: int = 4) -> list[Any]:
+def attention_maps(model: Any, data: DataBundle, split: str = "test", n: int = 4) -> list[Any]:
     """Attention heat-maps of the first ``n`` examples of ``split``, decoded greedily.
 
     One figure per example with the decoded output tokens as rows and the source
@@ -432,7 +454,7 @@ def attention_maps(model: Any, data: Any, split: str = "test", n: int = 4) -> li
     return figures
 
 
-def plots(context: Any, model: Any, data: Any) -> Iterator[tuple[str, Any]]:
+def plots(context: Any, model: Any, data: DataBundle) -> Iterator[tuple[str, Any]]:
     """The registered plot hook: ``attention_<i>.png`` heat-maps for a few test examples."""
     for i, figure in enumerate(attention_maps(model, data)):
         yield f"attention_{i}.png", figure

@@ -26,24 +26,13 @@ from typing import Any
 import keras
 from keras import layers
 
+from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.models.alexnet import AlexNetParams
+from dlpipe.models.common import BN_MOMENTUM, image_classifier_inputs, scaled, stem_kind
 
 #: (filters, kernel size) of the five convolutions, and whether max pooling follows.
 CONVS = ((96, 11, True), (256, 5, True), (384, 3, False), (384, 3, False), (256, 3, True))
-
-
-def scaled(n: int, width: float) -> int:
-    return max(1, int(round(n * width)))
-
-
-def stem_kind(params: Any, input_shape: tuple[int, ...]) -> str:
-    if params.stem != "auto":
-        return str(params.stem)
-    return "imagenet" if min(input_shape[:2]) >= 64 else "small"
 
 
 def conv_block(h: Any, filters: int, kernel: int, strides: int, batch_norm: bool, name: str) -> Any:
@@ -63,17 +52,10 @@ def overlapping_pool(h: Any, name: str) -> Any:
     return layers.MaxPooling2D(pool_size=3, strides=2, name=name)(h)
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: AlexNetParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled AlexNet-style classifier for ``data``."""
-    input_shape = tuple(data.input_shape)
-    classes = int(data.num_classes or 0)
-    if len(input_shape) != 3:
-        raise DlpipeError(
-            f"alexnet needs images (height, width, channels), got input shape {input_shape}"
-        )
-    if classes < 2:
-        raise DlpipeError(f"alexnet: a classifier needs at least 2 classes, got {classes}")
-    stem = stem_kind(params, input_shape)
+    input_shape, classes = image_classifier_inputs("alexnet", data)
+    stem = stem_kind(params.stem, input_shape)
     if stem == "imagenet" and min(input_shape[:2]) < 11:
         raise DlpipeError(
             f"alexnet with stem 'imagenet' (an 11x11 stride-4 convolution) needs images of "

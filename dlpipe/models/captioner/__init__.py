@@ -38,7 +38,7 @@ def register_models(register):
         description="BLIP-style captioner: CNN image tokens, transformer decoder with "
         "cross-attention; greedy or beam captions.",
         task="seq2seq",
-        plots="dlpipe.models.captioner.model:plots",
+        plots="dlpipe.models.captioner.plots:plots",
         example_params={**_TINY, "d_model": 8, "decoder_layers": 1},
         example_data="dlpipe.datasets.captions:example_bundle",
     )

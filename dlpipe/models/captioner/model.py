@@ -15,39 +15,36 @@ through cross-attention. Here, at toy scale:
 Training uses **teacher forcing**: the decoder gets the true caption shifted right
 behind ``START`` (the bundle's ``decoder_inputs``) and learns the caption ids with a
 per-token cross-entropy (padding weighted 0); ``sequence_accuracy`` and
-``token_accuracy`` are reported as for the other sequence models.
+``token_accuracy`` are reported as for the other sequence models (``compile`` comes from
+:class:`dlpipe.models.decoding.NextTokenModel`).
 
 Generation is autoregressive: :meth:`Captioner.caption` decodes greedily (or with beam
 search) through :func:`dlpipe.models.decoding.greedy_decode` / ``beam_search``, which
 only need ``encode`` and ``decode``. ``model(images)`` (``predict``) runs greedy
 decoding in the graph and returns the probabilities of the chosen tokens
 ``(b, caption_length, vocab)``; ``model({"images", "decoder_inputs"})`` is the
-teacher-forced pass.
+teacher-forced pass. The caption grid figure is in :mod:`dlpipe.models.captioner.plots`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models.attention import PositionalEmbedding, causal_mask
+from dlpipe.models.captioner import CaptionerParams
 from dlpipe.models.clip.model import ImageEncoder, check_caption_data
-from dlpipe.models.decoding import (
-    START_ID,
-    SequenceAccuracy,
-    TokenAccuracy,
-    beam_search,
-    greedy_decode,
-)
+from dlpipe.models.decoding import NextTokenModel, beam_search, greedy_decode, greedy_loop
 from dlpipe.models.transformer.model import DecoderBlock
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
-class Captioner(keras.Model):
+class Captioner(NextTokenModel):
     """Image encoder + transformer caption decoder; see the module docstring."""
 
     def __init__(
@@ -110,18 +107,12 @@ class Captioner(keras.Model):
     def greedy_probabilities(self, images: Any) -> Any:
         """In-graph greedy decoding: ``(b, caption_length, V)`` probabilities of the
         greedily chosen tokens (``argmax`` gives the caption ids)."""
-        length = self.caption_length
-        batch = ops.shape(images)[0]
         memory = self.encode(images, training=False)
-        positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
-        ids = ops.where(ops.equal(positions, 0), START_ID, ops.zeros((batch, length), "int32"))
-        probs = None
-        for t in range(length):
-            probs, _ = self.decode(memory, ids, training=False)
-            if t + 1 < length:
-                token = ops.cast(ops.argmax(probs[:, t], axis=-1), "int32")
-                ids = ops.where(ops.equal(positions, t + 1), ops.expand_dims(token, 1), ids)
-        return probs
+        return greedy_loop(
+            lambda ids: self.decode(memory, ids, training=False)[0],
+            ops.shape(images)[0],
+            self.caption_length,
+        )
 
     def build(self, input_shape: Any = None) -> None:
         if self.built:
@@ -129,25 +120,6 @@ class Captioner(keras.Model):
         memory = self.encode(ops.zeros((1, *self.image_shape)))
         self.decode(memory, ops.ones((1, self.caption_length), dtype="int32"))
         self.built = True
-
-    def compile(self, optimizer: Any = "adam", loss: Any = None, metrics: Any = None,
-                **kwargs: Any) -> None:
-        """Defaults the loss to ``sparse_categorical_crossentropy`` (the model outputs
-        probabilities) and always adds ``sequence_accuracy`` and ``token_accuracy``."""
-        if loss is None:
-            loss = "sparse_categorical_crossentropy"
-        metrics = list(metrics or [])
-        names = {m if isinstance(m, str) else getattr(m, "name", None) for m in metrics}
-        for metric in (SequenceAccuracy, TokenAccuracy):
-            instance = metric()
-            if instance.name not in names:
-                metrics.append(instance)
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def compile_from_config(self, config: dict[str, Any]) -> None:
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     # -- generation ----------------------------------------------------------------------
     def caption(self, images: np.ndarray, beam_width: int = 0, batch_size: int = 128
@@ -192,7 +164,7 @@ class _ImagesByIndex:
         return self.model.decode(memory, decoder_ids, training=False)
 
 
-def build(params: Any, data: Any) -> Captioner:
+def build(params: CaptionerParams, data: DataBundle) -> Captioner:
     """The registered builder: a built, uncompiled :class:`Captioner` for caption data."""
     check_caption_data("captioner", data)
     model = Captioner(
@@ -212,42 +184,11 @@ def build(params: Any, data: Any) -> Captioner:
     return model
 
 
-# --------------------------------------------------------------------------------------
-# The caption grid
-# --------------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # ``caption_grid`` moved to dlpipe.models.captioner.plots; dlpipe.stages.reports.caption
+    # still imports it from here.
+    if name == "caption_grid":
+        from dlpipe.models.captioner.plots import caption_grid
 
-
-def caption_grid(images: np.ndarray, generated: Sequence[str], truth: Sequence[str],
-                 value_range: Sequence[float] = (0.0, 1.0), cols: int = 4) -> Any:
-    """Images with the generated caption (green when it equals the true one, red
-    otherwise) and the true caption under each."""
-    from matplotlib.figure import Figure
-
-    from dlpipe.models.grids import show, to_display
-
-    n = len(images)
-    cols = max(1, min(cols, n))
-    rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(2.6 * cols, 2.7 * rows))
-    pictures = to_display(images, value_range)
-    for i in range(rows * cols):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        if i >= n:
-            ax.set_axis_off()
-            continue
-        show(ax, pictures[i])
-        ok = generated[i] == truth[i]
-        ax.set_title(f"{generated[i] or '(empty)'}\ntrue: {truth[i]}", fontsize=7,
-                     color="green" if ok else "red")
-    fig.tight_layout()
-    return fig
-
-
-def plots(context: Any, model: Any, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``captions.png``, greedy captions of 8 test images."""
-    split = "test" if data.size("test") else "train"
-    images = np.asarray(data.x[split][:8], dtype=np.float32)
-    ids = model.caption(images)
-    generated = [data.vocab.decode(row) for row in ids]
-    yield "captions.png", caption_grid(images, generated, data.texts[split][:8], data.value_range)
-
+        return caption_grid
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

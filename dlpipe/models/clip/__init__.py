@@ -66,7 +66,7 @@ def register_models(register):
         "InfoNCE with a learnable or fixed temperature.",
         task="contrastive",
         loss_weights=("image_to_text", "text_to_image"),
-        plots="dlpipe.models.clip.model:plots",
+        plots="dlpipe.models.clip.plots:plots",
         example_params={**_TINY, "embed_dim": 8, "width": 8, "text_layers": 1},
         example_data="dlpipe.datasets.captions:example_bundle",
     )

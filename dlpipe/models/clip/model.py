@@ -34,13 +34,14 @@ The two directions are the named loss terms ``image_to_text`` and ``text_to_imag
 
 ``model.encode_images(images)`` and ``model.encode_texts(ids)`` return normalized
 embeddings; ``model(images)`` (``predict``) the image embeddings, ``model(inputs)`` for
-a dict with ``images`` and ``captions`` the pair ``(image_emb, text_emb)``.
+a dict with ``images`` and ``captions`` the pair ``(image_emb, text_emb)``. The
+similarity figure is in :mod:`dlpipe.models.clip.plots`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -48,7 +49,10 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
 from dlpipe.models.attention import PositionalEmbedding, padding_mask
+from dlpipe.models.clip import CLIPParams
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.transformer.model import EncoderBlock
 
@@ -256,7 +260,7 @@ class CLIP(keras.Model):
     ) -> None:
         super().__init__(**kwargs)
         if positives not in POSITIVES:
-            raise ValueError(f"positives must be one of {POSITIVES}, not {positives!r}")
+            raise DlpipeError(f"positives must be one of {POSITIVES}, not {positives!r}")
         self.image_shape = tuple(int(d) for d in image_shape)
         self.vocab_size, self.caption_length = int(vocab_size), int(caption_length)
         self.embed_dim, self.filters, self.width = int(embed_dim), [int(f) for f in filters], int(width)
@@ -380,16 +384,16 @@ class CLIP(keras.Model):
         }
 
 
-def check_caption_data(name: str, data: Any) -> None:
-    """Raise a clear error when ``data`` is not a caption bundle."""
+def check_caption_data(name: str, data: DataBundle) -> None:
+    """Raise :class:`DlpipeError` when ``data`` is not a caption bundle."""
     if getattr(data, "captions", None) is None or getattr(data, "vocab", None) is None:
-        raise ValueError(
+        raise DlpipeError(
             f"{name}: needs image-caption data (the 'captions' data stage), got "
             f"{type(data).__name__} '{getattr(data, 'name', '?')}'"
         )
 
 
-def build(params: Any, data: Any) -> CLIP:
+def build(params: CLIPParams, data: DataBundle) -> CLIP:
     """The registered builder: a built, uncompiled :class:`CLIP` for caption data."""
     check_caption_data("clip", data)
     temperature = None if params.temperature == "learnable" else float(params.temperature)
@@ -416,7 +420,7 @@ def build(params: Any, data: Any) -> CLIP:
 
 
 # --------------------------------------------------------------------------------------
-# Embeddings in batches, and the similarity plot
+# Embeddings in batches
 # --------------------------------------------------------------------------------------
 
 
@@ -427,64 +431,11 @@ def embed(fn: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
 
-def pick_examples(labels: np.ndarray | None, n: int) -> np.ndarray:
-    """Up to ``n`` indices, one per class first (in class order), then the rest."""
-    if labels is None or len(labels) == 0:
-        return np.arange(min(n, 0 if labels is None else len(labels)))
-    labels = np.asarray(labels)
-    firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
-    rest = [i for i in range(len(labels)) if i not in set(firsts)]
-    return np.asarray((firsts + rest)[:n], dtype=int)
+def __getattr__(name: str) -> Any:
+    # ``similarity_plot`` moved to dlpipe.models.clip.plots; dlpipe.stages.reports.clip
+    # still imports it from here.
+    if name == "similarity_plot":
+        from dlpipe.models.clip.plots import similarity_plot
 
-
-def similarity_figure(similarity: np.ndarray, images: np.ndarray, captions: Sequence[str],
-                      value_range: Sequence[float] = (0.0, 1.0), title: str = "") -> Any:
-    """Heat-map of cosine similarities ``(images, captions)`` with the images drawn as
-    row labels and the caption texts as column labels (the diagonal are true pairs)."""
-    from matplotlib.figure import Figure
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
-    from dlpipe.models.grids import to_display
-
-    n_rows, n_cols = similarity.shape
-    fig = Figure(figsize=(min(2.0 + 0.55 * n_cols, 14.0), min(2.5 + 0.5 * n_rows, 14.0)))
-    ax = fig.add_subplot(1, 1, 1)
-    shown = ax.imshow(similarity, cmap="viridis", vmin=-1.0, vmax=1.0, aspect="auto")
-    for i in range(n_rows):
-        for j in range(n_cols):
-            ax.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if similarity[i, j] < 0.5 else "black")
-    ax.set_xticks(range(n_cols), list(captions), rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(n_rows), [""] * n_rows)
-    pictures = to_display(images, value_range)
-    zoom = 18.0 / max(pictures.shape[1], 1)
-    for i, picture in enumerate(pictures):
-        art = picture[..., 0] if picture.shape[-1] == 1 else picture
-        box = OffsetImage(art, zoom=zoom, cmap="gray" if picture.shape[-1] == 1 else None)
-        ax.add_artist(AnnotationBbox(box, (-0.5, i), xybox=(-14, 0), xycoords="data",
-                                     boxcoords="offset points", frameon=False,
-                                     annotation_clip=False))
-    ax.set_xlabel("caption")
-    ax.set_ylabel("image", labelpad=28)
-    fig.colorbar(shown, ax=ax, fraction=0.04, label="cosine similarity")
-    if title:
-        ax.set_title(title, fontsize=9)
-    return fig
-
-
-def similarity_plot(model: CLIP, data: Any, split: str = "test", n: int = 10) -> Any:
-    """The similarity figure of ``n`` held-out pairs (one per class first)."""
-    if data.size(split) == 0:
-        split = "train"
-    index = pick_examples(data.y.get(split), n)
-    images = np.asarray(data.x[split][index], dtype=np.float32)
-    image_emb = embed(model.encode_images, images)
-    text_emb = embed(model.encode_texts, np.asarray(data.captions[split][index]))
-    texts = [data.texts[split][i] for i in index]
-    return similarity_figure(image_emb @ text_emb.T, images, texts, data.value_range,
-                             f"image-caption cosine similarity ({split})")
-
-
-def plots(context: Any, model: Any, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``similarity_matrix.png`` of a few held-out pairs."""
-    yield "similarity_matrix.png", similarity_plot(model, data)
+        return similarity_plot
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,12 +49,17 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from dlpipe.errors import DlpipeError
-from dlpipe.models.common import make_loss_weights, replica_scaled
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.data import DataBundle
+from dlpipe.models.common import (
+    BN_MOMENTUM,
+    batch_mean,
+    image_classifier_inputs,
+    make_loss_weights,
+    replica_scaled,
+    scaled,
+    stem_kind,
+)
+from dlpipe.models.inception import InceptionParams
 
 #: GoogLeNet's blocks per group: (name, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool
 #: projection). A 3x3 stride-2 max pooling separates the groups.
@@ -76,10 +81,6 @@ GROUPS: tuple[tuple[tuple[Any, ...], ...], ...] = (
     ),
 )
 MAIN = "main"
-
-
-def scaled(n: int, width: float) -> int:
-    return max(1, int(round(n * width)))
 
 
 # --------------------------------------------------------------------------------------
@@ -138,17 +139,13 @@ def aux_positions(blocks_in_group4: int) -> dict[int, list[str]]:
     return {first: ["aux1"], second: ["aux2"]}
 
 
-def stem_kind(params: Any, input_shape: tuple[int, ...]) -> str:
-    if params.stem != "auto":
-        return str(params.stem)
-    return "imagenet" if min(input_shape[:2]) >= 64 else "small"
-
-
-def build_network(params: Any, input_shape: tuple[int, ...], classes: int) -> keras.Model:
+def build_network(
+    params: InceptionParams, input_shape: tuple[int, ...], classes: int
+) -> keras.Model:
     """``x -> [main, aux1, aux2]`` (``[main]`` without auxiliary heads)."""
     w, bn = params.width, params.batch_norm
     inputs = keras.Input(shape=input_shape, name="x")
-    if stem_kind(params, input_shape) == "imagenet":
+    if stem_kind(params.stem, input_shape) == "imagenet":
         h = conv(inputs, scaled(64, w), 7, "stem_conv1", strides=2, batch_norm=bn)
         h = max_pool(h, "stem_pool1")
         h = conv(h, scaled(64, w), 1, "stem_conv2", batch_norm=bn)
@@ -268,22 +265,12 @@ class InceptionClassifier(keras.Model):
 def crossentropy(y: Any, probs: Any, sample_weight: Any = None) -> Any:
     """Mean sparse categorical cross-entropy of a batch, in float32."""
     per_example = keras.losses.sparse_categorical_crossentropy(y, ops.cast(probs, "float32"))
-    if sample_weight is None:
-        return ops.mean(per_example)
-    sample_weight = ops.cast(ops.reshape(sample_weight, ops.shape(per_example)), "float32")
-    return ops.sum(per_example * sample_weight) / ops.maximum(ops.sum(sample_weight), 1e-12)
+    return batch_mean(per_example, sample_weight)
 
 
-def build(params: Any, data: Any) -> InceptionClassifier:
+def build(params: InceptionParams, data: DataBundle) -> InceptionClassifier:
     """The registered builder: a built, uncompiled :class:`InceptionClassifier`."""
-    input_shape = tuple(data.input_shape)
-    classes = int(data.num_classes or 0)
-    if len(input_shape) != 3:
-        raise DlpipeError(
-            f"inception needs images (height, width, channels), got input shape {input_shape}"
-        )
-    if classes < 2:
-        raise DlpipeError(f"inception: a classifier needs at least 2 classes, got {classes}")
+    input_shape, classes = image_classifier_inputs("inception", data)
     network = build_network(params, input_shape, classes)
     model = InceptionClassifier(network, aux_weight=params.aux_weight, name="inception")
     model.build(input_shape)

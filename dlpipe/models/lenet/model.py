@@ -31,14 +31,13 @@ from typing import Any
 import keras
 from keras import layers
 
+from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError
-from dlpipe.models.common import InstanceNormalization
-
-#: Batch-norm moving-average momentum (see dlpipe.models.mlp.model).
-BN_MOMENTUM = 0.9
+from dlpipe.models.common import BN_MOMENTUM, InstanceNormalization
+from dlpipe.models.lenet import LeNetParams
 
 
-def conv_padding(params: Any, input_shape: tuple[int, ...]) -> str:
+def conv_padding(params: LeNetParams, input_shape: tuple[int, ...]) -> str:
     """``valid`` or ``same`` for C1 and C3 (``auto``: valid from 32x32 up)."""
     if params.padding != "auto":
         return str(params.padding)
@@ -61,7 +60,7 @@ def check_input(input_shape: tuple[int, ...], padding: str, classes: int) -> Non
         )
 
 
-def conv(h: Any, filters: int, padding: str, params: Any, name: str) -> Any:
+def conv(h: Any, filters: int, padding: str, params: LeNetParams, name: str) -> Any:
     """A 5x5 convolution with its activation, and the optional normalization between."""
     act = params.activation
     if params.norm == "none":
@@ -76,7 +75,7 @@ def conv(h: Any, filters: int, padding: str, params: Any, name: str) -> Any:
     return layers.Activation(act, name=f"{name}_{act}")(h)
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: LeNetParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled LeNet-5 for ``data``."""
     input_shape = tuple(data.input_shape)
     classes = int(data.num_classes or 0)

@@ -20,27 +20,23 @@ unchanged. The widths are ``hidden`` (one entry per layer), or ``depth`` layers 
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 from keras import layers
 
+from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError
-from dlpipe.models.common import InstanceNormalization
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.models.common import BN_MOMENTUM, InstanceNormalization
+from dlpipe.models.mlp import MLPParams
 
 
-def hidden_widths(params: Any) -> list[int]:
+def hidden_widths(params: MLPParams) -> list[int]:
     """The hidden layer widths: ``params.hidden`` or ``depth`` copies of ``width``."""
     if params.hidden is not None:
         return [int(w) for w in params.hidden]
     return [int(params.width)] * int(params.depth)
 
 
-def num_classes_of(data: Any, name: str) -> int:
+def num_classes_of(data: DataBundle, name: str) -> int:
     classes = int(data.num_classes or 0)
     if classes < 2:
         raise DlpipeError(
@@ -50,7 +46,7 @@ def num_classes_of(data: Any, name: str) -> int:
     return classes
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: MLPParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled MLP classifier for ``data``."""
     classes = num_classes_of(data, "mlp")
     inputs = keras.Input(shape=tuple(data.input_shape), name="x")

@@ -33,11 +33,9 @@ from typing import Any
 import keras
 from keras import layers
 
-from dlpipe.errors import DlpipeError
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.data import DataBundle
+from dlpipe.models.common import BN_MOMENTUM, image_classifier_inputs
+from dlpipe.models.mobilenet import MobileNetParams
 
 #: (pointwise filters, stride) of the 13 separable blocks.
 BLOCKS = (
@@ -76,22 +74,15 @@ def separable_block(
     return h
 
 
-def stem_stride(params: Any, input_shape: tuple[int, ...]) -> int:
+def stem_stride(params: MobileNetParams, input_shape: tuple[int, ...]) -> int:
     if params.stem_stride != "auto":
         return int(params.stem_stride)
     return 2 if min(input_shape[:2]) >= 64 else 1
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: MobileNetParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled MobileNet classifier for ``data``."""
-    input_shape = tuple(data.input_shape)
-    classes = int(data.num_classes or 0)
-    if len(input_shape) != 3:
-        raise DlpipeError(
-            f"mobilenet needs images (height, width, channels), got input shape {input_shape}"
-        )
-    if classes < 2:
-        raise DlpipeError(f"mobilenet: a classifier needs at least 2 classes, got {classes}")
+    input_shape, classes = image_classifier_inputs("mobilenet", data)
     groups = int(params.groups)
 
     inputs = keras.Input(shape=input_shape, name="x")

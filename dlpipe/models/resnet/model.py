@@ -34,11 +34,9 @@ from typing import Any
 import keras
 from keras import layers
 
-from dlpipe.errors import DlpipeError
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.data import DataBundle
+from dlpipe.models.common import BN_MOMENTUM, image_classifier_inputs, scaled, stem_kind
+from dlpipe.models.resnet import ResNetParams
 
 #: (block type, blocks per stage) for each depth.
 DEPTHS = {
@@ -51,10 +49,6 @@ DEPTHS = {
 FILTERS = (64, 128, 256, 512)
 EXPANSION = {"basic": 1, "bottleneck": 4}
 BN_EPSILON = 1e-5
-
-
-def scaled(n: int, width: float) -> int:
-    return max(1, int(round(n * width)))
 
 
 def conv_bn(
@@ -99,28 +93,15 @@ def bottleneck_block(h: Any, filters: int, strides: int, zero_init: bool, name: 
     return layers.ReLU(name=f"{name}_out")(h)
 
 
-def stem_kind(params: Any, input_shape: tuple[int, ...]) -> str:
-    if params.stem != "auto":
-        return str(params.stem)
-    return "imagenet" if min(input_shape[:2]) >= 64 else "small"
-
-
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: ResNetParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled ResNet-``depth`` classifier for ``data``."""
-    input_shape = tuple(data.input_shape)
-    classes = int(data.num_classes or 0)
-    if len(input_shape) != 3:
-        raise DlpipeError(
-            f"resnet needs images (height, width, channels), got input shape {input_shape}"
-        )
-    if classes < 2:
-        raise DlpipeError(f"resnet: a classifier needs at least 2 classes, got {classes}")
+    input_shape, classes = image_classifier_inputs("resnet", data)
     kind, blocks = DEPTHS[params.depth]
     block = basic_block if kind == "basic" else bottleneck_block
     stem_filters = scaled(64, params.width)
 
     inputs = keras.Input(shape=input_shape, name="x")
-    if stem_kind(params, input_shape) == "imagenet":
+    if stem_kind(params.stem, input_shape) == "imagenet":
         h = conv_bn(inputs, stem_filters, 7, 2, "stem")
         if min(h.shape[1:3]) >= 2:
             h = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(h)

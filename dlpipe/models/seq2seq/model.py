@@ -26,9 +26,12 @@ from typing import Any
 import keras
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
 from dlpipe.models.attention import AdditiveAttention, DotProductAttention
 from dlpipe.models.decoding import PAD_ID, EncoderDecoder, check_sequence_data
 from dlpipe.models.decoding import plots as attention_plots
+from dlpipe.models.seq2seq import Seq2SeqParams
 
 CELLS = {"simple_rnn": layers.SimpleRNN, "lstm": layers.LSTM, "gru": layers.GRU}
 ATTENTIONS = ("none", "additive", "dot")
@@ -56,9 +59,9 @@ class Seq2Seq(EncoderDecoder):
         super().__init__(source_vocab_size, target_vocab_size, source_length, target_length,
                          **kwargs)
         if cell not in CELLS:
-            raise ValueError(f"seq2seq: cell must be one of {sorted(CELLS)}, not {cell!r}")
+            raise DlpipeError(f"seq2seq: cell must be one of {sorted(CELLS)}, not {cell!r}")
         if attention not in ATTENTIONS:
-            raise ValueError(f"seq2seq: attention must be one of {ATTENTIONS}, not {attention!r}")
+            raise DlpipeError(f"seq2seq: attention must be one of {ATTENTIONS}, not {attention!r}")
         self.cell = cell
         self.attention = attention
         self.embedding_dim = embedding_dim
@@ -117,7 +120,7 @@ class Seq2Seq(EncoderDecoder):
         }
 
 
-def build(params: Any, data: Any) -> Seq2Seq:
+def build(params: Seq2SeqParams, data: DataBundle) -> Seq2Seq:
     """The registered builder: a built, uncompiled :class:`Seq2Seq` for ``data``'s
     vocabularies and lengths."""
     check_sequence_data("seq2seq", data)

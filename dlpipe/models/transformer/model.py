@@ -23,6 +23,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
 from dlpipe.models.attention import (
     FeedForward,
     MultiHeadAttention,
@@ -32,6 +33,7 @@ from dlpipe.models.attention import (
 )
 from dlpipe.models.decoding import EncoderDecoder, check_sequence_data
 from dlpipe.models.decoding import plots as attention_plots
+from dlpipe.models.transformer import TransformerParams
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -182,7 +184,7 @@ class Transformer(EncoderDecoder):
         }
 
 
-def build(params: Any, data: Any) -> Transformer:
+def build(params: TransformerParams, data: DataBundle) -> Transformer:
     """The registered builder: a built, uncompiled :class:`Transformer` for ``data``."""
     check_sequence_data("transformer", data)
     model = Transformer(

@@ -49,7 +49,7 @@ def register_models(register):
         description="Transformer encoder text classifier: [cls] or mean pooling, padding "
         "masked, sinusoidal or learned positions.",
         task="classification",
-        plots="dlpipe.models.transformer_classifier.model:plots",
+        plots="dlpipe.models.transformer_classifier.plots:plots",
         example_params={"d_model": 16, "num_heads": 2, "ff_dim": 32, "num_layers": 1},
         example_data="dlpipe.datasets.sequences:arith_example_bundle",
     )

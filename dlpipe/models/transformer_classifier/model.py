@@ -20,25 +20,28 @@ prediction depends only on the real tokens: the same text padded to any length (
 ``max_length``) gets the same probabilities. The model takes ``(batch, T)`` int ids with
 ``T <= max_length``; id 0 is padding.
 
-The plot hook draws, for a few test texts, how much the ``[cls]`` token of each block
-attends to each character: a glimpse of what the classifier looks at.
+The plot hook (:mod:`dlpipe.models.transformer_classifier.plots`) draws, for a few test
+texts, how much the ``[cls]`` token of each block attends to each character: a glimpse
+of what the classifier looks at.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
+from dlpipe.datasets.vocab import PAD_ID, START_ID
+from dlpipe.errors import DlpipeError
 from dlpipe.models.attention import PositionalEmbedding, padding_mask
 from dlpipe.models.transformer.model import EncoderBlock
+from dlpipe.models.transformer_classifier import TransformerClassifierParams
 
-PAD_ID = 0
 #: The id put in front of every sequence as its ``[cls]`` token (the vocabulary's ``<s>``).
-CLS_ID = 1
+CLS_ID = START_ID
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -65,7 +68,7 @@ class TransformerClassifier(keras.Model):
     ) -> None:
         super().__init__(**kwargs)
         if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be cls or mean, not {pooling!r}")
+            raise DlpipeError(f"pooling must be cls or mean, not {pooling!r}")
         self.vocab_size = int(vocab_size)
         self.max_length = int(max_length)
         self.num_classes = int(num_classes)
@@ -142,22 +145,23 @@ class TransformerClassifier(keras.Model):
         }
 
 
-def check_token_data(data: Any) -> None:
+def check_token_data(data: DataBundle) -> None:
+    """Raise :class:`DlpipeError` unless ``data`` holds token ids of at least 2 classes."""
     x = data.x["train"]
     vocab = getattr(data, "source_vocab", None)
     if vocab is None or np.ndim(x) != 2 or not np.issubdtype(np.asarray(x).dtype, np.integer):
-        raise ValueError(
+        raise DlpipeError(
             "transformer_classifier: needs token ids (n, length) and a vocabulary, from a "
             f"text classification data stage such as seq_arith_check; got "
             f"{type(data).__name__} '{getattr(data, 'name', '?')}' with inputs "
             f"{tuple(np.shape(x)[1:])}"
         )
     if int(data.num_classes or 0) < 2:
-        raise ValueError(f"transformer_classifier: needs at least 2 classes, got "
+        raise DlpipeError(f"transformer_classifier: needs at least 2 classes, got "
                          f"{data.num_classes}")
 
 
-def build(params: Any, data: Any) -> TransformerClassifier:
+def build(params: TransformerClassifierParams, data: DataBundle) -> TransformerClassifier:
     """The registered builder: a built, uncompiled :class:`TransformerClassifier`."""
     check_token_data(data)
     model = TransformerClassifier(
@@ -175,58 +179,3 @@ def build(params: Any, data: Any) -> TransformerClassifier:
     )
     model.build()
     return model
-
-
-def cls_attention_figure(
-    texts: list[str],
-    tokens: list[list[str]],
-    maps: list[np.ndarray],
-    titles: list[str],
-) -> Any:
-    """One row of panels per example: the ``[cls]`` query's attention over the tokens
-    (mean of the heads), one panel per block."""
-    from matplotlib.figure import Figure
-
-    rows, blocks = len(texts), len(maps)
-    width = max(len(t) for t in tokens) + 1
-    fig = Figure(figsize=(min(2.2 + 0.35 * width * blocks, 16), 0.9 * rows + 0.8))
-    axes = fig.subplots(rows, blocks, squeeze=False)
-    for i in range(rows):
-        labels = ["[cls]", *tokens[i]]
-        for b in range(blocks):
-            weights = maps[b][i].mean(axis=0)[0, : len(labels)]  # the [cls] query row
-            ax = axes[i, b]
-            ax.imshow(weights[None, :], cmap="viridis", vmin=0.0, aspect="auto")
-            ax.set_xticks(range(len(labels)), labels, fontsize=7)
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"block {b}", fontsize=8)
-            if b == 0:
-                ax.set_ylabel(titles[i], fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("[cls] attention over the tokens (mean of heads)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plots(context: Any, model: Any, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``cls_attention.png`` for four right and four wrong
-    test predictions (fewer when there are not so many)."""
-    vocab = getattr(data, "source_vocab", None)
-    if vocab is None or not hasattr(model, "attention_maps") or data.size("test") == 0:
-        return
-    x = np.asarray(data.x["test"], dtype=np.int32)
-    y = np.asarray(data.y["test"]).reshape(-1)
-    probs = np.asarray(model.predict(x, batch_size=256, verbose=0))
-    predicted = probs.argmax(axis=1)
-    right = np.flatnonzero(predicted == y)[:4]
-    wrong = np.flatnonzero(predicted != y)[:4]
-    chosen = np.concatenate([right, wrong]).astype(int)
-    if not len(chosen):
-        return
-    maps = model.attention_maps(x[chosen])
-    names = list(data.class_names) or [str(k) for k in range(probs.shape[1])]
-    texts = [vocab.decode(x[i]) for i in chosen]
-    tokens = [vocab.token_strings(x[i]) for i in chosen]
-    titles = [f"{t!r}\ntrue {names[y[i]]}, pred {names[predicted[i]]} "
-              f"({probs[i, predicted[i]]:.2f})" for t, i in zip(texts, chosen, strict=True)]
-    yield "cls_attention.png", cls_attention_figure(texts, tokens, maps, titles)

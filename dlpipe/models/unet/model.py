@@ -39,6 +39,10 @@ import keras
 import numpy as np
 from keras import layers
 
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
+from dlpipe.models.unet import UNetParams
+
 
 def conv_block(
     x: Any,
@@ -130,33 +134,33 @@ def build_unet(
 
 
 def check_input(input_shape: tuple[int, ...], depth: int) -> None:
-    """Raise ``ValueError`` unless ``input_shape`` is an image whose sides divide by
-    ``2**depth`` (every level halves them, the decoder doubles them back)."""
+    """Raise :class:`DlpipeError` unless ``input_shape`` is an image whose sides divide
+    by ``2**depth`` (every level halves them, the decoder doubles them back)."""
     if len(input_shape) != 3:
-        raise ValueError(
+        raise DlpipeError(
             f"unet: needs images (height, width, channels), got input shape {input_shape}"
         )
     factor = 2**depth
     height, width = input_shape[:2]
     if height % factor or width % factor:
-        raise ValueError(
+        raise DlpipeError(
             f"unet: depth {depth} halves the image {depth} times, so height and width must "
             f"divide by {factor}; got {height}x{width}. Lower model.depth or change the "
             "image size (data param size / image_size)."
         )
 
 
-def num_classes_of(data: Any) -> int:
+def num_classes_of(data: DataBundle) -> int:
     """The data's class count, or ``1 + the largest mask value`` when it has none."""
     if getattr(data, "num_classes", None):
         return int(data.num_classes)
     y = data.y.get("train")
     if y is None or len(y) == 0:
-        raise ValueError("unet: the data has neither num_classes nor training masks")
+        raise DlpipeError("unet: the data has neither num_classes nor training masks")
     return max(int(np.max(y)) + 1, 2)
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: UNetParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled U-Net for ``data`` (train it with
     ``loss: sparse_categorical_crossentropy``)."""
     return build_unet(
@@ -174,9 +178,8 @@ def build(params: Any, data: Any) -> keras.Model:
     )
 
 
-def example_data() -> Any:
+def example_data() -> DataBundle:
     """A tiny segmentation bundle for the conformance test: 8x8 RGB shapes and masks."""
-    from dlpipe.data import DataBundle
     from dlpipe.datasets.shapes import SHAPES, generate_scenes
 
     x: dict[str, np.ndarray] = {}

@@ -34,11 +34,9 @@ from typing import Any
 import keras
 from keras import layers
 
-from dlpipe.errors import DlpipeError
-
-#: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
-#: so the inference statistics settle within the few hundred steps of a CPU-sized run.
-BN_MOMENTUM = 0.9
+from dlpipe.data import DataBundle
+from dlpipe.models.common import BN_MOMENTUM, image_classifier_inputs, scaled
+from dlpipe.models.vgg import VGGParams
 
 #: Convolutions per block for each depth.
 BLOCKS = {
@@ -48,10 +46,6 @@ BLOCKS = {
     19: (2, 2, 4, 4, 4),
 }
 FILTERS = (64, 128, 256, 512, 512)
-
-
-def scaled(n: int, width: float) -> int:
-    return max(1, int(round(n * width)))
 
 
 def vgg_block(h: Any, convs: int, filters: int, batch_norm: bool, name: str) -> Any:
@@ -67,14 +61,9 @@ def vgg_block(h: Any, convs: int, filters: int, batch_norm: bool, name: str) -> 
     return h
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: VGGParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled VGG-``depth`` classifier for ``data``."""
-    input_shape = tuple(data.input_shape)
-    classes = int(data.num_classes or 0)
-    if len(input_shape) != 3:
-        raise DlpipeError(f"vgg needs images (height, width, channels), got input shape {input_shape}")
-    if classes < 2:
-        raise DlpipeError(f"vgg: a classifier needs at least 2 classes, got {classes}")
+    input_shape, classes = image_classifier_inputs("vgg", data)
 
     inputs = keras.Input(shape=input_shape, name="x")
     h = inputs

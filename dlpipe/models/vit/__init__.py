@@ -46,7 +46,7 @@ def register_models(register):
         description="Vision Transformer: strided-conv patch embedding, [cls] token, learned "
         "positions, pre-LayerNorm encoder blocks.",
         task="classification",
-        plots="dlpipe.models.vit.model:plots",
+        plots="dlpipe.models.vit.plots:plots",
         # The conformance test's random images are 8x8: 2x2 patches give 16 tokens.
         example_params={"patch_size": 2, "d_model": 16, "num_heads": 2, "mlp_dim": 32,
                         "depth": 1},

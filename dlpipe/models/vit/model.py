@@ -21,29 +21,31 @@ equivariance): it must learn them from data. On small datasets it therefore trai
 CNN of similar size, and the gap closes as data grows; ``pipelines/vit_digits.yaml``
 and ``pipelines/vit_cnn_baseline.yaml`` show this on the 8x8 scikit-learn digits.
 
-The plot hook overlays the last block's [cls] attention over the patches (mean of the
-heads) on a few test images.
+The plot hook (:mod:`dlpipe.models.vit.plots`) overlays the last block's [cls] attention
+over the patches (:func:`cls_attention`) on a few test images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, ops
 
+from dlpipe.data import DataBundle
+from dlpipe.errors import DlpipeError
 from dlpipe.models.attention import MultiHeadAttention
+from dlpipe.models.vit import ViTParams
 
 
 def patch_grid(image_shape: tuple[int, ...], patch_size: int) -> tuple[int, int]:
-    """``(rows, cols)`` of patches; raises a ValueError if the image does not tile."""
+    """``(rows, cols)`` of patches; raises :class:`DlpipeError` if the image does not tile."""
     if len(image_shape) != 3:
-        raise ValueError(f"vit needs images (height, width, channels), got {image_shape}")
+        raise DlpipeError(f"vit needs images (height, width, channels), got {image_shape}")
     height, width = int(image_shape[0]), int(image_shape[1])
     if height % patch_size or width % patch_size:
-        raise ValueError(
+        raise DlpipeError(
             f"vit: a {height}x{width} image does not split into {patch_size}x{patch_size} "
             f"patches; pick a patch_size that divides both sides or resize the images "
             f"(data.image_size, e.g. [{max(height // patch_size, 1) * patch_size}, "
@@ -154,13 +156,13 @@ class SelectToken(layers.Layer):
         return {**super().get_config(), "index": self.index}
 
 
-def build(params: Any, data: Any) -> keras.Model:
+def build(params: ViTParams, data: DataBundle) -> keras.Model:
     """The registered builder: an uncompiled ViT for ``data``'s images."""
     input_shape = tuple(int(d) for d in data.input_shape)
     rows, cols = patch_grid(input_shape, params.patch_size)
     classes = int(data.num_classes or 0)
     if classes < 2:
-        raise ValueError(f"vit: a classifier needs at least 2 classes, got {classes}")
+        raise DlpipeError(f"vit: a classifier needs at least 2 classes, got {classes}")
     d = params.d_model
 
     inputs = keras.Input(shape=input_shape, name="image")
@@ -190,43 +192,3 @@ def cls_attention(model: keras.Model, images: np.ndarray) -> np.ndarray:
     cls_row = weights.mean(axis=1)[:, 0, 1:]  # [cls] query, patch keys
     grid = model.get_layer("patch_embedding").output.shape[1:3]
     return cls_row.reshape(len(images), int(grid[0]), int(grid[1]))
-
-
-def attention_figure(images: np.ndarray, maps: np.ndarray, titles: list[str],
-                     value_range: tuple[float, float]) -> Any:
-    from matplotlib.figure import Figure
-
-    n = len(images)
-    fig = Figure(figsize=(1.6 * n, 3.6))
-    axes = fig.subplots(2, n, squeeze=False)
-    low, high = value_range
-    for i in range(n):
-        image = (np.clip(images[i], low, high) - low) / max(high - low, 1e-12)
-        shown = image[..., 0] if image.shape[-1] == 1 else image[..., :3]
-        axes[0, i].imshow(shown, cmap="gray" if image.shape[-1] == 1 else None)
-        axes[0, i].set_title(titles[i], fontsize=7)
-        axes[1, i].imshow(shown, cmap="gray" if image.shape[-1] == 1 else None)
-        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, interpolation="nearest",
-                          extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[1, 0].set_ylabel("[cls] attention", fontsize=7)
-    fig.suptitle("last block: where the [cls] token looks (mean of heads)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plots(context: Any, model: Any, data: Any) -> Iterator[tuple[str, Any]]:
-    """The registered plot hook: ``cls_attention.png`` for eight test images."""
-    if data.size("test") == 0 or not any(isinstance(la, ViTBlock) for la in model.layers):
-        return
-    images = np.asarray(data.x["test"][:8])
-    labels = np.asarray(data.y["test"][:8]).reshape(-1)
-    probs = np.asarray(model.predict(images, verbose=0))
-    names = list(data.class_names) or [str(k) for k in range(probs.shape[1])]
-    titles = [f"true {names[int(t)]}\npred {names[int(p)]}"
-              for t, p in zip(labels, probs.argmax(axis=1), strict=True)]
-    maps = cls_attention(model, images)
-    low, high = getattr(data, "value_range", (0.0, 1.0))
-    yield "cls_attention.png", attention_figure(images, maps, titles, (float(low), float(high)))
