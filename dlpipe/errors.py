@@ -20,6 +20,13 @@ class DlpipeError(Exception):
     exit_code = 2
 
 
+class ConfigError(DlpipeError, ValueError):
+    """A setting the spec's data or model cannot support: an image side that does not
+    divide, missing class labels, a loss weight for a term the model lacks. Raised
+    while building a model; also a ``ValueError``, as Python code expects of a bad
+    argument value."""
+
+
 class PluginError(DlpipeError):
     """A plugin could not be loaded or registered something invalid."""
 

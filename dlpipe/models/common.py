@@ -27,16 +27,15 @@ import keras
 import tensorflow as tf
 
 from dlpipe.data import DataBundle
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import ConfigError, DlpipeError
 
 #: Batch-norm moving-average momentum: 0.9 (PyTorch's default) rather than Keras' 0.99,
 #: so the inference statistics settle within the few hundred steps of a CPU-sized run.
 BN_MOMENTUM = 0.9
 
 
-class LossWeightsError(DlpipeError, ValueError):
-    """A loss-term weight names a term the model does not have. Also a ``ValueError``,
-    for callers that catch that."""
+class LossWeightsError(ConfigError):
+    """A loss weight names a term the model does not have."""
 
 
 def replica_scaled(loss: Any) -> Any:

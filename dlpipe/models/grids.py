@@ -13,18 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError
+from dlpipe.errors import ConfigError
 
 MAX_INCHES = 8.0
 
 #: A sample grid: ``(images, columns, row labels or None)``.
 SampleSet = tuple[np.ndarray, int, Sequence[str] | None]
 
-
-class ConfigError(DlpipeError, ValueError):
-    """A model setting that the spec's data cannot support (an image side that does
-    not divide, missing class labels). A ``ValueError`` too, for callers that catch
-    those."""
 
 
 def figure(width: float, height: float) -> Any:

@@ -24,9 +24,10 @@ import numpy as np
 from keras import layers, ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models.autoencoder import AutoencoderParams
 from dlpipe.models.common import encoder_trunk, make_loss_weights, replica_scaled
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 from dlpipe.models.vae.model import build_decoder
 
 LOSS_TERMS = ("reconstruction",)

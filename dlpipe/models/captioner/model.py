@@ -183,12 +183,3 @@ def build(params: CaptionerParams, data: DataBundle) -> Captioner:
     model.build()
     return model
 
-
-def __getattr__(name: str) -> Any:
-    # ``caption_grid`` moved to dlpipe.models.captioner.plots; dlpipe.stages.reports.caption
-    # still imports it from here.
-    if name == "caption_grid":
-        from dlpipe.models.captioner.plots import caption_grid
-
-        return caption_grid
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -430,12 +430,3 @@ def embed(fn: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
              for i in range(0, len(x), batch_size)]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
-
-def __getattr__(name: str) -> Any:
-    # ``similarity_plot`` moved to dlpipe.models.clip.plots; dlpipe.stages.reports.clip
-    # still imports it from here.
-    if name == "similarity_plot":
-        from dlpipe.models.clip.plots import similarity_plot
-
-        return similarity_plot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

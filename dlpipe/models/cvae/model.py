@@ -33,9 +33,10 @@ import numpy as np
 from keras import ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.cvae import CVAEParams
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 from dlpipe.models.vae import model as vae
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.cvae.model import CVAE
-from dlpipe.models.grids import ConfigError
 from dlpipe.models.vae import plots as vae_plots
 
 

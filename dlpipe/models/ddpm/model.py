@@ -39,6 +39,7 @@ import tensorflow as tf
 from keras import ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.ddpm import DDPMParams, DiffusionCommonParams
@@ -51,7 +52,7 @@ from dlpipe.models.ddpm.schedule import (
     sampling_timesteps,
 )
 from dlpipe.models.ddpm.unet import build_unet
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 
 LOSS_TERMS = ("noise",)
 

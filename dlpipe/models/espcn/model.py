@@ -54,11 +54,12 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.espcn import ESPCNParams
 from dlpipe.models.espcn.plots import comparison_figure, grid_images
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 from dlpipe.models.image_quality import psnr, ssim, to_unit_range
 
 # --------------------------------------------------------------------------------------

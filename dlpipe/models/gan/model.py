@@ -40,11 +40,12 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.adversarial import AdversarialModel, bce_from_logits
 from dlpipe.models.common import apply_gradients, replica_scaled
 from dlpipe.models.gan import AdversarialParams, CGANParams, GANBaseParams, GANParams
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 
 # --------------------------------------------------------------------------------------
 # The GAN

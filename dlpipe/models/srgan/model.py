@@ -59,11 +59,12 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models.adversarial import bce_from_logits, clone_optimizer, loss_scaled, set_adam_betas
 from dlpipe.models.common import apply_gradients, replica_scaled
 from dlpipe.models.espcn.model import SubPixelUpsampling, SuperResolution, check_data
 from dlpipe.models.espcn.model import callbacks as grid_callbacks
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 from dlpipe.models.srgan import SRGANParams
 
 

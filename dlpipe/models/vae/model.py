@@ -40,9 +40,10 @@ import tensorflow as tf
 from keras import layers, ops
 
 from dlpipe.data import DataBundle
+from dlpipe.errors import ConfigError
 from dlpipe.models import grids
 from dlpipe.models.common import apply_gradients, encoder_trunk, make_loss_weights, replica_scaled
-from dlpipe.models.grids import ConfigError, value_range_of
+from dlpipe.models.grids import value_range_of
 from dlpipe.models.vae import VAEParams
 
 LOSS_TERMS = ("reconstruction", "kl")

@@ -45,7 +45,7 @@ def caption_report(ctx: Any, params: Any) -> None:
     if not hasattr(model, "caption"):
         raise DlpipeError(f"stage {ctx.stage.id!r}: the model cannot caption images (use the "
                           "captioner architecture)")
-    from dlpipe.models.captioner.model import caption_grid
+    from dlpipe.models.captioner.plots import caption_grid
 
     split = params.split
     if data.size(split) == 0:

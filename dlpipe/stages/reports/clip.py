@@ -99,7 +99,8 @@ def clip_report(ctx: Any, params: Any) -> None:
     if not hasattr(model, "encode_images") or not hasattr(model, "encode_texts"):
         raise DlpipeError(f"stage {ctx.stage.id!r}: the model has no encode_images/encode_texts "
                           "(use the clip architecture)")
-    from dlpipe.models.clip.model import embed, similarity_plot
+    from dlpipe.models.clip.model import embed
+    from dlpipe.models.clip.plots import similarity_plot
 
     split = params.split
     if data.size(split) == 0:
