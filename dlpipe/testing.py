@@ -52,6 +52,22 @@ def synthetic_bundle(
     )
 
 
+def build_architecture(
+    host: Any, name: str, data: Any, *, example_params: bool = True, seed: int | None = 0,
+    **params: Any,
+) -> Any:
+    """Build the architecture ``name`` that ``host`` (a :class:`~dlpipe.plugins.PluginHost`)
+    registered, on ``data``: its ``example_params`` (unless ``example_params=False``)
+    updated with ``params``, after seeding Keras with ``seed`` (``None``: no seeding)."""
+    entry = host.registry.models[name]
+    if seed is not None:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+    merged = {**(dict(entry.example_params or {}) if example_params else {}), **params}
+    return entry.builder()(entry.params.model_validate(merged), data)
+
+
 def expected_output_shape(task: str, data: DataBundle, batch: int) -> tuple[int, ...] | None:
     if task == "classification":
         return (batch, int(data.num_classes or 0))

@@ -25,6 +25,15 @@ def host():
     return load_plugins(plugin_dirs=[], entry_points=False)
 
 
+@pytest.fixture(scope="session")
+def builtin_host():
+    """The built-ins, loaded once and shared by tests that only build and train
+    architectures (tests of plugin loading use the fresh ``host``)."""
+    from dlpipe.plugins import load_plugins
+
+    return load_plugins(plugin_dirs=[], entry_points=False)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """Run in an empty folder whose mlruns/ is private to the test."""

@@ -23,6 +23,7 @@ from dlpipe.datasets.vocab import (
     encode_texts,
     learn_bpe,
 )
+from dlpipe.testing import build_architecture as build
 
 # --------------------------------------------------------------------------- helpers
 
@@ -30,22 +31,6 @@ from dlpipe.datasets.vocab import (
 def tiny_bundle(n=240, alphabet="abcd", min_length=2, max_length=5, reverse=True, seed=0):
     pairs = sd.reverse_pairs(n, alphabet, min_length, max_length, reverse=reverse, seed=seed)
     return tokenize("tiny", sd.split_pairs(pairs, 0.1, 0.1, seed))
-
-
-@pytest.fixture(scope="module")
-def host():
-    from dlpipe.plugins import load_plugins
-
-    return load_plugins(plugin_dirs=[], entry_points=False)
-
-
-def build(host, name, data, **params):
-    import keras
-
-    entry = host.registry.models[name]
-    keras.utils.set_random_seed(0)
-    merged = {**dict(entry.example_params or {}), **params}
-    return entry.builder()(entry.params.model_validate(merged), data)
 
 
 # --------------------------------------------------------------------------- data
@@ -275,13 +260,13 @@ def test_transformer_decoder_is_causal_and_beam_width_one_is_greedy(host):
 
 
 @pytest.fixture(scope="module")
-def copy_model(host):
+def copy_model(builtin_host):
     """A small seq2seq (GRU + dot attention) trained to copy strings."""
     import keras
 
     data = tiny_bundle(n=2000, alphabet="abcde", min_length=2, max_length=6, reverse=False)
-    model = build(host, "seq2seq", data, cell="gru", attention="dot", embedding_dim=16,
-                  units=64)
+    model = build(builtin_host, "seq2seq", data, cell="gru", attention="dot",
+                  embedding_dim=16, units=64)
     model.compile(optimizer=keras.optimizers.Adam(0.01, clipnorm=1.0))
     model.fit(data.dataset("train", 32, shuffle=True), epochs=6, verbose=0, shuffle=False)
     return model, data

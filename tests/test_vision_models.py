@@ -17,6 +17,7 @@ from dlpipe.data import DataBundle
 from dlpipe.errors import DlpipeError, SpecError
 from dlpipe.plugins import load_plugins
 from dlpipe.spec import apply_overrides, load_yaml, validate
+from dlpipe.testing import build_architecture
 
 HOST = load_plugins(plugin_dirs=[], entry_points=False)
 MODELS = HOST.registry.models
@@ -28,8 +29,7 @@ def shape_only(input_shape, num_classes):
 
 
 def build(name, data, **params):
-    entry = MODELS[name]
-    return entry.builder()(entry.params.model_validate(params), data)
+    return build_architecture(HOST, name, data, example_params=False, seed=None, **params)
 
 
 def trainable_count(model):

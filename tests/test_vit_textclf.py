@@ -12,23 +12,7 @@ from dlpipe.datasets import sequences as sd
 from dlpipe.datasets.vocab import PAD_ID, Vocabulary, encode_texts
 from dlpipe.errors import DlpipeError
 from dlpipe.stages.reports.seq2seq import accuracy_by_bucket, bucket_metrics, length_buckets
-
-
-@pytest.fixture(scope="module")
-def host():
-    from dlpipe.plugins import load_plugins
-
-    return load_plugins(plugin_dirs=[], entry_points=False)
-
-
-def build(host, name, data, **params):
-    import keras
-
-    entry = host.registry.models[name]
-    keras.utils.set_random_seed(0)
-    merged = {**dict(entry.example_params or {}), **params}
-    return entry.builder()(entry.params.model_validate(merged), data)
-
+from dlpipe.testing import build_architecture as build
 
 # --------------------------------------------------------------------------- ViT
 

@@ -6,45 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure
-
-
-def evaluation_inputs(
-    ctx: Any, split: str, what: str = "evaluation", targets: str | None = None
-) -> tuple[Any, Any, str]:
-    """``(model, data, stage id)`` for an evaluate stage, or a clear error.
-
-    Checks that a data stage and a model came before, that ``split`` has examples,
-    and, when ``targets`` names them ("labels", "masks", ...), that it has targets.
-    """
-    stage = ctx.stage.id if ctx.stage is not None else what
-    model, data = ctx.model, ctx.data
-    if model is None or data is None:
-        raise DlpipeError(
-            f"stage {stage!r}: {what} needs a data stage and a trained model before it"
-        )
-    if data.size(split) == 0:
-        raise DlpipeError(
-            f"stage {stage!r}: the {split!r} split is empty; set a non-zero "
-            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or evaluate "
-            "another split (params.split)"
-        )
-    if targets is not None and data.y.get(split) is None:
-        raise DlpipeError(f"stage {stage!r}: the {split!r} split has no {targets} to compare with")
-    return model, data, stage
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, print_metrics
 
 
 def keras_evaluate(ctx: Any, params: Any) -> None:
     split = params.split
     model, data, _ = evaluation_inputs(ctx, split)
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True, verbose=0)
-    metrics = {f"{split}_{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+    metrics = compiled_metrics(model, data, split, params.batch_size)
     ctx.log_metrics(metrics)
-    width = max(len(k) for k in metrics) if metrics else 0
-    print(f"evaluate ({split}, {data.size(split)} examples):")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}")
+    print_metrics(f"evaluate ({split}, {data.size(split)} examples)", metrics)
 
     if not params.plots:
         return

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from dlpipe.datasets.captions import CaptionBundle
-from dlpipe.errors import DlpipeError
 from dlpipe.models.decoding import sequence_scores
 from dlpipe.plotting import learning_curves_figure
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, print_metrics
 
 
 def captions_table(generated: list[str], truth: list[str]) -> str:
@@ -38,18 +38,14 @@ def captions_table(generated: list[str], truth: list[str]) -> str:
 
 
 def caption_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    if model is None or not isinstance(data, CaptionBundle):
-        raise DlpipeError(f"stage {ctx.stage.id!r}: caption_report needs the 'captions' data "
-                          "stage and a trained captioner before it")
-    if not hasattr(model, "caption"):
-        raise DlpipeError(f"stage {ctx.stage.id!r}: the model cannot caption images (use the "
-                          "captioner architecture)")
+    split = params.split
+    model, data, _ = evaluation_inputs(
+        ctx, split, "caption_report", bundle=CaptionBundle,
+        before="the 'captions' data stage and a trained captioner",
+        methods=("caption",), use="the captioner architecture",
+    )
     from dlpipe.models.captioner.plots import caption_grid
 
-    split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(f"stage {ctx.stage.id!r}: the {split!r} split is empty")
     assert data.vocab is not None
     images = np.asarray(data.x[split], dtype=np.float32)
     truth_ids = np.asarray(data.captions[split])
@@ -59,14 +55,11 @@ def caption_report(ctx: Any, params: Any) -> None:
     if params.beam_width > 1:
         beam = model.caption(images, beam_width=params.beam_width, batch_size=params.batch_size)
         metrics[f"{split}_beam_caption_exact_match"] = sequence_scores(beam, truth_ids)[0]
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True, verbose=0)
-    if "loss" in results:
-        metrics[f"{split}_loss"] = float(results["loss"])
+    compiled = compiled_metrics(model, data, split, params.batch_size)
+    if f"{split}_loss" in compiled:
+        metrics[f"{split}_loss"] = compiled[f"{split}_loss"]
     ctx.log_metrics(metrics)
-    width = max(len(k) for k in metrics)
-    print(f"caption_report ({split}, {len(images)} images):")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}")
+    print_metrics(f"caption_report ({split}, {len(images)} images)", metrics)
 
     generated = [data.vocab.decode(row) for row in ids]
     truth = list(data.texts[split])

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure, plt
-from dlpipe.stages.evaluate.stage import evaluation_inputs
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs
 
 
 def class_probabilities(outputs: Any) -> np.ndarray:
@@ -211,8 +211,7 @@ def classifier_report(ctx: Any, params: Any) -> None:
 
     x = np.asarray(data.x[split])
     y = np.asarray(data.y[split]).reshape(-1).astype(int)
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True, verbose=0)
-    metrics = {f"{split}_{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+    metrics = compiled_metrics(model, data, split, params.batch_size)
     probs = _predict(model, x, params.batch_size)
     metrics.update(classification_metrics(y, probs, split, params.per_class))
     ctx.log_metrics(metrics)

@@ -30,6 +30,7 @@ from dlpipe.datasets.captions import CaptionBundle, encode_captions, prompt_text
 from dlpipe.datasets.vocab import UNK_ID
 from dlpipe.errors import DlpipeError
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, print_metrics
 
 
 def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
@@ -92,28 +93,24 @@ def encode_prompts(model: Any, data: CaptionBundle, templates: Sequence[str]) ->
 
 
 def clip_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    if model is None or not isinstance(data, CaptionBundle):
-        raise DlpipeError(f"stage {ctx.stage.id!r}: clip_report needs the 'captions' data stage "
-                          "and a trained dual encoder (clip) before it")
-    if not hasattr(model, "encode_images") or not hasattr(model, "encode_texts"):
-        raise DlpipeError(f"stage {ctx.stage.id!r}: the model has no encode_images/encode_texts "
-                          "(use the clip architecture)")
+    split = params.split
+    model, data, _ = evaluation_inputs(
+        ctx, split, "clip_report", bundle=CaptionBundle,
+        before="the 'captions' data stage and a trained dual encoder (clip)",
+        methods=("encode_images", "encode_texts"), use="the clip architecture",
+    )
     from dlpipe.models.clip.model import embed
     from dlpipe.models.clip.plots import similarity_plot
 
-    split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(f"stage {ctx.stage.id!r}: the {split!r} split is empty")
     images = np.asarray(data.x[split], dtype=np.float32)
     labels = data.y.get(split)
     image_emb = embed(model.encode_images, images, params.batch_size)
     text_emb = embed(model.encode_texts, np.asarray(data.captions[split]), params.batch_size)
     metrics: dict[str, float] = {}
 
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True, verbose=0)
-    if "loss" in results:
-        metrics[f"{split}_loss"] = float(results["loss"])
+    compiled = compiled_metrics(model, data, split, params.batch_size)
+    if f"{split}_loss" in compiled:
+        metrics[f"{split}_loss"] = compiled[f"{split}_loss"]
 
     # zero-shot classification
     templates = list(params.prompts or data.templates)
@@ -139,11 +136,8 @@ def clip_report(ctx: Any, params: Any) -> None:
         metrics[f"{split}_t2i_recall_at_{k}"] = value
 
     ctx.log_metrics(metrics)
-    width = max(len(k) for k in metrics)
-    print(f"clip_report ({split}, {len(images)} pairs, {len(templates)} prompt template(s), "
-          f"match {params.match}):")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}")
+    print_metrics(f"clip_report ({split}, {len(images)} pairs, {len(templates)} prompt "
+                  f"template(s), match {params.match})", metrics)
     if params.matrix_size:
         ctx.log_figure(similarity_plot(model, data, split, params.matrix_size),
                        "similarity_matrix.png")

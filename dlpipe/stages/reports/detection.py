@@ -38,8 +38,7 @@ from dlpipe.models.yolo.boxes import (
     precision_recall,
 )
 from dlpipe.plotting import learning_curves_figure
-from dlpipe.stages.evaluate.stage import evaluation_inputs
-from dlpipe.stages.reports.common import metric_suffix
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, metric_suffix
 
 #: Box colours by class index (matplotlib's tab10).
 COLORS = (
@@ -184,8 +183,7 @@ def detection_report(ctx: Any, params: Any) -> None:
         )
 
     x = np.asarray(data.x[split], dtype="float32")
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True, verbose=0)
-    metrics = {f"{split}_{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+    metrics = compiled_metrics(model, data, split, params.batch_size)
     preds = detect(
         x,
         score_threshold=params.score_threshold,

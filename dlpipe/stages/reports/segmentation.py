@@ -42,8 +42,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.errors import DlpipeError
-from dlpipe.stages.evaluate.stage import evaluation_inputs
-from dlpipe.stages.reports.common import metric_suffix
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, metric_suffix
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -292,10 +291,7 @@ def segmentation_report(ctx: Any, params: Any) -> None:
     y = _true_masks(data.y[split], stage, split)
     metrics: dict[str, float] = {}
     if getattr(model, "compiled", False):
-        results = model.evaluate(
-            data.dataset(split, params.batch_size), return_dict=True, verbose=0
-        )
-        metrics.update({f"{split}_{k}": float(v) for k, v in results.items() if np.ndim(v) == 0})
+        metrics.update(compiled_metrics(model, data, split, params.batch_size))
     predicted = predicted_masks(model.predict(x, batch_size=params.batch_size, verbose=0))
     if predicted.shape != y.shape:
         raise DlpipeError(

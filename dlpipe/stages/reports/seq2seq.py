@@ -29,9 +29,9 @@ import numpy as np
 
 from dlpipe.datasets.bundles import SeqBundle
 from dlpipe.datasets.vocab import PAD_ID
-from dlpipe.errors import DlpipeError
 from dlpipe.models.decoding import beam_search, greedy_decode, sequence_scores
 from dlpipe.plotting import learning_curves_figure
+from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, print_metrics
 
 
 def _markdown_cell(text: str) -> str:
@@ -132,19 +132,12 @@ def _length_figure(
 
 
 def seq2seq_report(ctx: Any, params: Any) -> None:
-    model, data = ctx.model, ctx.data
-    if model is None or not isinstance(data, SeqBundle):
-        raise DlpipeError(
-            f"stage {ctx.stage.id!r}: seq2seq_report needs a sequence data stage "
-            "(seq_addition, seq_dates, ...) and a trained seq2seq or transformer model"
-        )
     split = params.split
-    if data.size(split) == 0:
-        raise DlpipeError(
-            f"stage {ctx.stage.id!r}: the {split!r} split is empty; set a non-zero "
-            f"{'test' if split == 'test' else 'val'}_fraction in the data stage or decode "
-            "another split (params.split)"
-        )
+    model, data, _ = evaluation_inputs(
+        ctx, split, "seq2seq_report", bundle=SeqBundle,
+        before="a sequence data stage (seq_addition, seq_dates, ...) and a trained seq2seq "
+        "or transformer model",
+    )
     assert data.source_vocab is not None and data.target_vocab is not None
     x = np.asarray(data.x[split], dtype=np.int32)
     y = np.asarray(data.y[split], dtype=np.int32)
@@ -158,10 +151,9 @@ def seq2seq_report(ctx: Any, params: Any) -> None:
         f"{split}_sequence_accuracy": float(correct.mean()),
         f"{split}_token_accuracy": token_accuracy,
     }
-    results = model.evaluate(data.dataset(split, params.batch_size), return_dict=True,
-                             verbose=0)
-    if "loss" in results:
-        metrics[f"{split}_loss"] = float(results["loss"])
+    compiled = compiled_metrics(model, data, split, params.batch_size)
+    if f"{split}_loss" in compiled:
+        metrics[f"{split}_loss"] = compiled[f"{split}_loss"]
     if params.beam_width > 0:
         beams = beam_search(model, x, beam_width=params.beam_width)
         beam_outputs = [data.target_vocab.decode(row) for row in beams]
@@ -175,10 +167,7 @@ def seq2seq_report(ctx: Any, params: Any) -> None:
     )
     metrics.update(bucket_metrics(buckets, split))
     ctx.log_metrics(metrics)
-    width = max(len(k) for k in metrics)
-    print(f"seq2seq_report ({split}, {len(x)} examples, greedy decoding):")
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:.4f}")
+    print_metrics(f"seq2seq_report ({split}, {len(x)} examples, greedy decoding)", metrics)
 
     n = min(params.examples, len(x))
     if n:
