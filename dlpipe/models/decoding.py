@@ -22,7 +22,7 @@ Token ids follow :mod:`dlpipe.datasets.vocab`: 0 padding, 1 start, 2 end.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -31,6 +31,9 @@ from keras import ops
 from dlpipe.data import DataBundle
 from dlpipe.datasets.vocab import END_ID, PAD_ID, START_ID
 from dlpipe.errors import DlpipeError
+
+if TYPE_CHECKING:
+    from dlpipe.datasets.bundles import SeqBundle
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -129,6 +132,9 @@ class NextTokenModel(keras.Model):
     outputs probabilities) and always adds the ``sequence_accuracy`` and
     ``token_accuracy`` metrics.
     """
+
+    #: Keras sets it; declared because ``keras.Model`` is untyped and subclasses read it.
+    built: bool
 
     def compile(self, optimizer: Any = "adam", loss: Any = None, metrics: Any = None,
                 **kwargs: Any) -> None:
@@ -427,7 +433,7 @@ def attention_figure(
     return fig
 
 
-def attention_maps(model: Any, data: DataBundle, split: str = "test", n: int = 4) -> list[Any]:
+def attention_maps(model: Any, data: SeqBundle, split: str = "test", n: int = 4) -> list[Any]:
     """Attention heat-maps of the first ``n`` examples of ``split``, decoded greedily.
 
     One figure per example with the decoded output tokens as rows and the source
@@ -441,6 +447,7 @@ def attention_maps(model: Any, data: DataBundle, split: str = "test", n: int = 4
     ids, attention = greedy_decode(model, src, return_attention=True)
     if attention is None:
         return []
+    assert data.source_vocab is not None and data.target_vocab is not None  # set by build_bundle
     figures = []
     for i in range(len(src)):
         source_tokens = data.source_vocab.token_strings(src[i])
@@ -454,7 +461,7 @@ def attention_maps(model: Any, data: DataBundle, split: str = "test", n: int = 4
     return figures
 
 
-def plots(context: Any, model: Any, data: DataBundle) -> Iterator[tuple[str, Any]]:
+def plots(context: Any, model: Any, data: SeqBundle) -> Iterator[tuple[str, Any]]:
     """The registered plot hook: ``attention_<i>.png`` heat-maps for a few test examples."""
     for i, figure in enumerate(attention_maps(model, data)):
         yield f"attention_{i}.png", figure

@@ -29,18 +29,20 @@ teacher-forced pass. The caption grid figure is in :mod:`dlpipe.models.captioner
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from dlpipe.data import DataBundle
 from dlpipe.models.attention import PositionalEmbedding, causal_mask
 from dlpipe.models.captioner import CaptionerParams
 from dlpipe.models.clip.model import ImageEncoder, check_caption_data
 from dlpipe.models.decoding import NextTokenModel, beam_search, greedy_decode, greedy_loop
 from dlpipe.models.transformer.model import DecoderBlock
+
+if TYPE_CHECKING:
+    from dlpipe.datasets.captions import CaptionBundle
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -164,9 +166,10 @@ class _ImagesByIndex:
         return self.model.decode(memory, decoder_ids, training=False)
 
 
-def build(params: CaptionerParams, data: DataBundle) -> Captioner:
+def build(params: CaptionerParams, data: CaptionBundle) -> Captioner:
     """The registered builder: a built, uncompiled :class:`Captioner` for caption data."""
     check_caption_data("captioner", data)
+    assert data.vocab is not None  # checked above
     model = Captioner(
         image_shape=data.input_shape,
         vocab_size=data.vocab.size,

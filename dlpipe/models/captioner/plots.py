@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlpipe.data import DataBundle
+if TYPE_CHECKING:
+    from dlpipe.datasets.captions import CaptionBundle
 
 
 def caption_grid(images: np.ndarray, generated: Sequence[str], truth: Sequence[str],
@@ -36,11 +37,12 @@ def caption_grid(images: np.ndarray, generated: Sequence[str], truth: Sequence[s
     return fig
 
 
-def plots(context: Any, model: Any, data: DataBundle) -> Iterator[tuple[str, Any]]:
+def plots(context: Any, model: Any, data: CaptionBundle) -> Iterator[tuple[str, Any]]:
     """The registered plot hook: ``captions.png``, greedy captions of 8 test images."""
     split = "test" if data.size("test") else "train"
     images = np.asarray(data.x[split][:8], dtype=np.float32)
     ids = model.caption(images)
+    assert data.vocab is not None  # a caption bundle always has its vocabulary
     generated = [data.vocab.decode(row) for row in ids]
     yield "captions.png", caption_grid(images, generated, data.texts[split][:8], data.value_range)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -55,6 +55,9 @@ from dlpipe.models.attention import PositionalEmbedding, padding_mask
 from dlpipe.models.clip import CLIPParams
 from dlpipe.models.common import apply_gradients, make_loss_weights, replica_scaled
 from dlpipe.models.transformer.model import EncoderBlock
+
+if TYPE_CHECKING:
+    from dlpipe.datasets.captions import CaptionBundle
 
 LOSS_TERMS = ("image_to_text", "text_to_image")
 POSITIVES = ("label", "caption", "pair")
@@ -239,6 +242,9 @@ class CLIP(keras.Model):
     :param temperature: ``None`` for a learnable temperature, else a fixed float.
     """
 
+    #: Keras sets it; declared because ``keras.Model`` is untyped and ``build`` reads it.
+    built: bool
+
     def __init__(
         self,
         image_shape: Sequence[int],
@@ -393,9 +399,10 @@ def check_caption_data(name: str, data: DataBundle) -> None:
         )
 
 
-def build(params: CLIPParams, data: DataBundle) -> CLIP:
+def build(params: CLIPParams, data: CaptionBundle) -> CLIP:
     """The registered builder: a built, uncompiled :class:`CLIP` for caption data."""
     check_caption_data("clip", data)
+    assert data.vocab is not None  # checked above
     temperature = None if params.temperature == "learnable" else float(params.temperature)
     model = CLIP(
         image_shape=data.input_shape,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dlpipe.data import DataBundle
 from dlpipe.models.clip.model import CLIP, embed
+
+if TYPE_CHECKING:
+    from dlpipe.datasets.captions import CaptionBundle
 
 
 def pick_examples(labels: np.ndarray | None, n: int) -> np.ndarray:
@@ -56,7 +58,7 @@ def similarity_figure(similarity: np.ndarray, images: np.ndarray, captions: Sequ
     return fig
 
 
-def similarity_plot(model: CLIP, data: DataBundle, split: str = "test", n: int = 10) -> Any:
+def similarity_plot(model: CLIP, data: CaptionBundle, split: str = "test", n: int = 10) -> Any:
     """The similarity figure of ``n`` held-out pairs (one per class first)."""
     if data.size(split) == 0:
         split = "train"
@@ -69,6 +71,6 @@ def similarity_plot(model: CLIP, data: DataBundle, split: str = "test", n: int =
                              f"image-caption cosine similarity ({split})")
 
 
-def plots(context: Any, model: Any, data: DataBundle) -> Iterator[tuple[str, Any]]:
+def plots(context: Any, model: Any, data: CaptionBundle) -> Iterator[tuple[str, Any]]:
     """The registered plot hook: ``similarity_matrix.png`` of a few held-out pairs."""
     yield "similarity_matrix.png", similarity_plot(model, data)

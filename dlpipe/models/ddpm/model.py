@@ -337,7 +337,8 @@ class DiffusionModel(keras.Model):
     def to_data(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Diffusion-space samples -> data space as NumPy, clipped to the value range."""
         out = grids.predict_batches(self.from_diffusion, np.asarray(x, dtype="float32"), batch)
-        return np.clip(out, *self.value_range).astype("float32")
+        low, high = self.value_range
+        return np.clip(out, low, high).astype("float32")
 
     def generate_samples(
         self, n: int, labels: np.ndarray | None = None, seed: int = 0

@@ -18,12 +18,11 @@ shared with the seq2seq model in :mod:`dlpipe.models.decoding`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import layers, ops
 
-from dlpipe.data import DataBundle
 from dlpipe.models.attention import (
     FeedForward,
     MultiHeadAttention,
@@ -34,6 +33,9 @@ from dlpipe.models.attention import (
 from dlpipe.models.decoding import EncoderDecoder, check_sequence_data
 from dlpipe.models.decoding import plots as attention_plots
 from dlpipe.models.transformer import TransformerParams
+
+if TYPE_CHECKING:
+    from dlpipe.datasets.bundles import SeqBundle
 
 
 @keras.saving.register_keras_serializable(package="dlpipe")
@@ -184,14 +186,17 @@ class Transformer(EncoderDecoder):
         }
 
 
-def build(params: TransformerParams, data: DataBundle) -> Transformer:
+def build(params: TransformerParams, data: SeqBundle) -> Transformer:
     """The registered builder: a built, uncompiled :class:`Transformer` for ``data``."""
     check_sequence_data("transformer", data)
+    assert data.source_vocab is not None and data.target_vocab is not None  # checked above
+    targets = data.y["train"]
+    assert targets is not None  # a sequence bundle has targets in every split
     model = Transformer(
         source_vocab_size=data.source_vocab.size,
         target_vocab_size=data.target_vocab.size,
         source_length=int(data.x["train"].shape[1]),
-        target_length=int(data.y["train"].shape[1]),
+        target_length=int(targets.shape[1]),
         d_model=params.d_model,
         num_heads=params.num_heads,
         ff_dim=params.ff_dim,

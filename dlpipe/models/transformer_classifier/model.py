@@ -27,7 +27,7 @@ of what the classifier looks at.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -40,6 +40,9 @@ from dlpipe.models.attention import PositionalEmbedding, padding_mask
 from dlpipe.models.transformer.model import EncoderBlock
 from dlpipe.models.transformer_classifier import TransformerClassifierParams
 
+if TYPE_CHECKING:
+    from dlpipe.datasets.bundles import TextClassBundle
+
 #: The id put in front of every sequence as its ``[cls]`` token (the vocabulary's ``<s>``).
 CLS_ID = START_ID
 
@@ -51,6 +54,9 @@ class TransformerClassifier(keras.Model):
     ``call(ids)`` returns class probabilities ``(b, num_classes)``;
     :meth:`attention_maps` returns every block's attention weights.
     """
+
+    #: Keras sets it; declared because ``keras.Model`` is untyped and ``build`` reads it.
+    built: bool
 
     def __init__(
         self,
@@ -161,9 +167,10 @@ def check_token_data(data: DataBundle) -> None:
                          f"{data.num_classes}")
 
 
-def build(params: TransformerClassifierParams, data: DataBundle) -> TransformerClassifier:
+def build(params: TransformerClassifierParams, data: TextClassBundle) -> TransformerClassifier:
     """The registered builder: a built, uncompiled :class:`TransformerClassifier`."""
     check_token_data(data)
+    assert data.source_vocab is not None and data.num_classes is not None  # checked above
     model = TransformerClassifier(
         vocab_size=data.source_vocab.size,
         max_length=int(data.x["train"].shape[1]),

@@ -152,8 +152,9 @@ def check_input(input_shape: tuple[int, ...], depth: int) -> None:
 
 def num_classes_of(data: DataBundle) -> int:
     """The data's class count, or ``1 + the largest mask value`` when it has none."""
-    if getattr(data, "num_classes", None):
-        return int(data.num_classes)
+    num_classes = getattr(data, "num_classes", None)
+    if num_classes:
+        return int(num_classes)
     y = data.y.get("train")
     if y is None or len(y) == 0:
         raise DlpipeError("unet: the data has neither num_classes nor training masks")

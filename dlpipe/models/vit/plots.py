@@ -43,7 +43,9 @@ def plots(context: Any, model: Any, data: DataBundle) -> Iterator[tuple[str, Any
     if data.size("test") == 0 or not any(isinstance(la, ViTBlock) for la in model.layers):
         return
     images = np.asarray(data.x["test"][:8])
-    labels = np.asarray(data.y["test"][:8]).reshape(-1)
+    targets = data.y["test"]
+    assert targets is not None  # a classifier's data is labelled
+    labels = np.asarray(targets[:8]).reshape(-1)
     probs = np.asarray(model.predict(images, verbose=0))
     names = list(data.class_names) or [str(k) for k in range(probs.shape[1])]
     titles = [f"true {names[int(t)]}\npred {names[int(p)]}"

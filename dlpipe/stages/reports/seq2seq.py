@@ -119,7 +119,8 @@ def _length_figure(
         ax.annotate(str(table[n][1]), (n, table[n][0]), ha="center", va="bottom", fontsize=6)
     for i, ((lo, hi), (acc, count)) in enumerate(sorted((buckets or {}).items())):
         ax.hlines(acc, lo - 0.45, hi + 0.45, color="tab:red", lw=2,
-                  label="per bucket" if i == 0 else None)
+                  # matplotlib's stub says str, but set_label takes None (no label)
+                  label="per bucket" if i == 0 else None)  # type: ignore[arg-type]
         ax.annotate(f"{acc:.2f} (n={count})", ((lo + hi) / 2, acc), xytext=(0, -10),
                     textcoords="offset points", ha="center", fontsize=6, color="tab:red")
     if buckets:

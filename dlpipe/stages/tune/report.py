@@ -74,6 +74,7 @@ def summarize(ctx: Any, study: Study) -> None:
             print(f"  trial {b.number}: {vals}  {decoded(b.params)}", flush=True)
     else:
         best = s.best_trial
+        assert best.value is not None  # the best trial of a single objective is complete
         metric = study.params.objectives[0].metric
         summary |= {"best_trial": best.number, "best_value": best.value,
                     "best_params": decoded(best.params)}
