@@ -133,6 +133,7 @@ class ModelRegistrar(Protocol):
         example_params: Mapping[str, Any] | None = None,
         callbacks: ModelCallbacks | str | None = None,
         example_data: Callable[[], Any] | str | None = None,
+        xla: bool = True,
     ) -> None:
         """Register architecture ``name``, used by a spec as ``kind: model, use: NAME``.
 
@@ -160,6 +161,14 @@ class ModelRegistrar(Protocol):
             :class:`dlpipe.data.DataBundle` the conformance test trains on, for models
             that cannot use the default random 8x8 images (sequence models need token
             ids and vocabularies).
+        :param xla: whether the model's steps compile with XLA
+            (``model.compile(jit_compile=True)`` compiles ``train_step``, ``test_step``
+            and ``predict_step``). ``False`` marks a model with an op XLA cannot
+            compile in one of them (an op without an XLA kernel, a data-dependent shape):
+            the train stage's ``jit_compile: auto`` then trains it without XLA, where
+            Keras would otherwise turn XLA on (on a GPU), and ``jit_compile: true``
+            fails with an error naming the architecture. ``dlpipe plugins`` shows it.
+            ``benchmarks/probe/xla_probe.py`` tells which value is right.
         """
 
 

@@ -121,6 +121,8 @@ class ModelEntry:
     example_params: Mapping[str, Any] | None = None
     callbacks: Callable[..., Any] | str | None = None
     example_data: Callable[..., Any] | str | None = None
+    #: Its steps compile with XLA (``jit_compile=True``); see ``register_models(xla=)``.
+    xla: bool = True
 
     def builder(self) -> Callable[..., Any]:
         return resolve_ref(self.build, f"model {self.name}")
@@ -204,6 +206,7 @@ class Registry:
             example_params: Mapping[str, Any] | None = None,
             callbacks: Any = None,
             example_data: Any = None,
+            xla: bool = True,
         ) -> None:
             _check_name(plugin, "model", name)
             _check_callable(plugin, f"model {name}", build)
@@ -218,11 +221,15 @@ class Registry:
                 raise PluginError(
                     f"plugin {plugin!r}: loss_weights of model {name!r} must be a list of names"
                 )
+            if not isinstance(xla, bool):
+                raise PluginError(
+                    f"plugin {plugin!r}: xla of model {name!r} must be true or false, got {xla!r}"
+                )
             if name in self.models:
                 _duplicate(f"model '{name}'", self.models[name].plugin, plugin)
             self.models[name] = ModelEntry(
                 name, build, params, description, plugin, task, tuple(loss_weights), plots,
-                example_params, callbacks, example_data,
+                example_params, callbacks, example_data, xla,
             )
 
         return register

@@ -71,4 +71,5 @@ def register_models(register):
         plots="dlpipe.models.espcn.plots:plots",
         callbacks="dlpipe.models.espcn.model:callbacks",
         example_params={"scale": 2, "filters": [8, 4], "kernel_sizes": [3, 3], "sample_every": 0},
+        xla=False,  # the bicubic baseline of test_step: XLA has no ResizeBicubic kernel
     )

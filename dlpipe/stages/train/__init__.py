@@ -242,7 +242,14 @@ class KerasFitParams(Params):
     verbose: Literal["auto", 0, 1, 2] = Field(
         "auto", description="Keras progress output: auto is a bar in a terminal, else a line per epoch."
     )
-    jit_compile: bool | Literal["auto"] = "auto"
+    jit_compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="XLA compilation of the train, evaluate and predict steps. auto: "
+        "Keras's default (XLA with one GPU and strategy auto when every layer supports it; "
+        "not on a CPU-only machine, nor under an explicit strategy), but never for an "
+        "architecture registered with xla=False; true: always (an error for an xla=False "
+        "architecture); false: never.",
+    )
     steps_per_execution: int = Field(1, ge=1)
 
     @model_validator(mode="after")

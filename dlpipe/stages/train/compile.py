@@ -162,15 +162,35 @@ def choose_loss(ctx: Any, params: Any, model: Any, data: Any, task: str) -> Loss
 # ------------------------------------------------------------------------- compiling
 
 
+def resolve_jit_compile(ctx: Any, params: Any) -> bool | str:
+    """What ``compile`` gets as ``jit_compile``: the spec's ``jit_compile``, except for an
+    architecture registered with ``xla=False``. That one trains without XLA under
+    ``auto`` (Keras's own ``auto`` turns XLA on with one GPU) and refuses ``true`` with
+    an error naming it, rather than failing deep inside the first step."""
+    wanted = params.jit_compile
+    entry = ctx.model_entry()
+    if entry is None or getattr(entry, "xla", True) or wanted is False:
+        return wanted
+    if wanted is True:
+        raise DlpipeError(
+            f"stage {ctx.stage.id!r}: jit_compile: true, but architecture {entry.name!r} "
+            f"(plugin {entry.plugin!r}) is registered with xla=False: its training and "
+            "prediction steps do not compile with XLA. Use jit_compile: auto (trains it "
+            "without XLA) or false"
+        )
+    return False
+
+
 def compile_model(ctx: Any, params: Any, model: Any, loss: Loss, steps_per_epoch: int) -> None:
     """``model.compile`` with the spec's optimizer, under the distribution strategy."""
+    jit = resolve_jit_compile(ctx, params)
     with ctx.strategy.scope():
         optimizer = make_optimizer(params.optimizer, steps_per_epoch, params.epochs)
         model.compile(
             optimizer=optimizer,
             loss=loss.loss,
             metrics=loss.metrics or None,
-            jit_compile=params.jit_compile,
+            jit_compile=jit,
             steps_per_execution=params.steps_per_execution,
         )
 
