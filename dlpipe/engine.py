@@ -143,20 +143,40 @@ def run_pipeline(
         run_dir = run_dir_for(spec)
         if smoke:
             run_dir = run_dir.with_name(run_dir.name + "-smoke")
+    # A worker of a multi-worker cluster that is not the chief works in a folder of its
+    # own inside the chief's: the chief alone writes the run folder's files.
+    chief_run_dir = None
+    worker = worker_name(spec)
+    if worker is not None:
+        chief_run_dir, run_dir = run_dir, run_dir / "workers" / worker
     run_dir.mkdir(parents=True, exist_ok=True)
     # A tuner's processes share its study on purpose (--workers, or the same spec run
     # twice); its trials have folders of their own. Other specs hold the run folder.
     shared = driver_index(spec, plugins) is not None
     with contextlib.nullcontext() if shared else run_dir_lock(run_dir):
-        return _run_locked(spec, plugins, run_dir, smoke, restart, resume_older)
+        ctx = _run_locked(spec, plugins, run_dir, smoke, restart, resume_older, chief_run_dir)
+    if chief_run_dir is not None:  # its scratch folder; resuming reads the chief's
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()
+        ctx.run_dir = chief_run_dir  # the run's outputs are the chief's
+    return ctx
+
+
+def worker_name(spec: ResolvedSpec) -> str | None:
+    """``None`` unless this process is a worker, not the chief, of a multi-worker
+    cluster; then its name (``worker-1``), as the strategy params tell it before
+    TensorFlow loads (see :attr:`RunContext.is_chief`)."""
+    ask = getattr(spec.strategy_params, "worker_name", None)
+    return ask() if callable(ask) else None
 
 
 def _run_locked(
     spec: ResolvedSpec, plugins: PluginHost, run_dir: Path, smoke: bool, restart: bool,
-    resume_older: bool,
+    resume_older: bool, chief_run_dir: Path | None = None,
 ) -> RunContext:
     ctx = RunContext(spec=spec, plugins=plugins, run_dir=run_dir, smoke=smoke,
-                     restart=restart, resume_older=resume_older)
+                     restart=restart, resume_older=resume_older, chief_run_dir=chief_run_dir)
     if smoke:
         ctx.run_name = f"{spec.settings.tracking.run_name or spec.name}-smoke"
         ctx.tags["dlpipe.smoke"] = "true"
@@ -172,12 +192,25 @@ def _run_locked(
             if ctx.finished:
                 break
     except BaseException as exc:
-        _safe_on_run_error(ctx, exc)
+        lost = _worker_lost(ctx, exc)
+        _safe_on_run_error(ctx, lost or exc)
+        if lost is not None:
+            raise lost from exc
         raise
     ctx.stage = None
     ctx.hook.after_run(context=ctx)
     discard_resume_state(ctx)
     return ctx
+
+
+def _worker_lost(ctx: RunContext, exc: BaseException) -> DlpipeError | None:
+    """A clear error for a collective op that failed because another worker of a
+    multi-worker cluster died or hung; ``None`` for any other error."""
+    if getattr(ctx.strategy, "cluster_resolver", None) is None:
+        return None
+    from dlpipe.strategies.multi_worker import explain_failure
+
+    return explain_failure(ctx.strategy, exc)
 
 
 def discard_resume_state(ctx: RunContext) -> None:

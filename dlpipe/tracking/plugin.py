@@ -22,7 +22,9 @@ def _tracker(context: Any) -> Tracker | None:
 
 @hookimpl
 def before_run(context: Any) -> None:
-    if not context.spec.settings.tracking.enabled:
+    # Only the chief of a multi-worker cluster tracks the run; the other workers never
+    # get a tracker, so every hook below does nothing for them.
+    if not context.spec.settings.tracking.enabled or not getattr(context, "is_chief", True):
         return
     if context.parent is not None:  # a nested run (a trial) is a child of its parent's
         parent = _tracker(context.parent)
@@ -69,13 +71,36 @@ def on_artifact(context: Any, stage: Any, path: str, artifact_path: str) -> None
         return
     # The final model (model/model.keras) is logged as an MLflow model with it.
     if artifact_path == "model" and Path(path).name == "model.keras" and context.model is not None:
-        staged = _stage_model(context, path)
+        staged = _stage_model_of_chief(context, path)
         if staged is not None:
             registration = settings.registration
             tracker.send("model", str(staged.resolve()),
                          registration.model_dump() if registration else None)
             return
     tracker.send("artifact", str(Path(path).resolve()), artifact_path or None)
+
+
+def _stage_model_of_chief(context: Any, path: str) -> Path | None:
+    """Stage the MLflow model. Staging predicts with the model; under a multi-worker
+    strategy ``predict`` is a collective op the other workers do not join, so the chief
+    stages a copy loaded from ``path`` outside the strategy instead."""
+    from dlpipe.strategies.multi_worker import worker_of
+
+    if worker_of(getattr(context, "strategy", None)) is None:
+        return _stage_model(context, path)
+    import keras
+
+    model = context.model
+    try:
+        context.model = keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        print(f"mlflow: logging model/model.keras only; it could not be reloaded to stage "
+              f"the MLflow model ({type(exc).__name__}: {exc})", flush=True)
+        return None
+    try:
+        return _stage_model(context, path)
+    finally:
+        context.model = model
 
 
 @hookimpl

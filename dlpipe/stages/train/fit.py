@@ -80,7 +80,9 @@ def keras_fit(ctx: Any, params: Any) -> None:
     4. open the resume backup, then build the callbacks (the resume checkpoint writes
        to that backup; the model's own callbacks come last);
     5. train, or take the final weights of an earlier run that finished training;
-    6. put the best weights back (``restore_best``), write the final snapshot, save.
+    6. put the best weights back (``restore_best``), write the final snapshot, save
+       (on the chief only, under a multi-worker strategy; every worker takes part in
+       the snapshots, see :func:`~.resume.open_backup`).
     """
     model, data, task = _inputs(ctx)
     data = balanced_training_data(data, params, ctx.seed)
@@ -104,7 +106,7 @@ def keras_fit(ctx: Any, params: Any) -> None:
     ctx.history = callbacks.history
     if resume.enabled:
         ctx.discard_on_success.append(resume.backup.folder)
-    if params.save_model:
+    if params.save_model and ctx.is_chief:  # other workers hold the same weights
         save_model(ctx, model, prefix)
 
 

@@ -3,6 +3,7 @@ stage's backup folder, the callback that writes snapshots, and putting one back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from dlpipe.checkpoint import BackupFolder, Snapshot, read_model_state, write_model_state
+from dlpipe.errors import DlpipeError
+from dlpipe.strategies import multi_worker
 
 if TYPE_CHECKING:
     from dlpipe.stages.train.callbacks import Callbacks, LossGuard
@@ -74,8 +77,18 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             # Early stopping may have put the best weights back; training ends here
             # and the final snapshot follows. A kill before it replays this epoch.
             return
-        if time.monotonic() - self._last_save >= self.every_seconds:
+        if self._due():
             self.save()
+
+    def _due(self) -> bool:
+        """Whether to save now: ``every_seconds`` have passed. Under a multi-worker
+        strategy the chief's clock decides for every worker, so that all of them
+        write the same snapshots (:func:`open_backup`)."""
+        due = time.monotonic() - self._last_save >= self.every_seconds
+        strategy = getattr(self.model, "distribute_strategy", None)
+        if self.every_seconds <= 0 or multi_worker.worker_of(strategy) is None:
+            return due
+        return bool(multi_worker.chief_value(strategy, int(due)))
 
     def save(self, done: bool = False) -> None:
         state = {
@@ -135,17 +148,77 @@ class Resume:
         return self.snapshot is not None and self.snapshot.done
 
 
+class ScratchBackup(BackupFolder):
+    """Where a worker that is not the chief writes its snapshots: each one is deleted
+    as soon as it is whole. Writing them keeps every worker in step with the chief's
+    (TensorFlow's multi-worker checkpointing has every worker save, the others to a
+    temporary folder); resuming reads the chief's backup."""
+
+    def save(self, state: dict[str, Any], write_files: Any) -> Snapshot:
+        snapshot = super().save(state, write_files)
+        self.discard()
+        return snapshot
+
+
 def open_backup(ctx: Any, params: Any, tag: str) -> Resume:
     """The backup folder of the stage (``tag``: see :func:`~.fit.stage_prefix`) and,
-    when resuming, its newest snapshot; ``--restart`` sets the earlier one aside."""
-    backup = BackupFolder(ctx.run_dir / ("backup" if not tag else f"backup-{tag}"))
+    when resuming, its newest snapshot; ``--restart`` sets the earlier one aside.
+
+    Under a multi-worker strategy every worker resumes from the chief's backup: the
+    chief opens it as above and tells the others which snapshot it took (a collective
+    op); they verify that snapshot and write their own to a :class:`ScratchBackup`.
+    """
+    name = "backup" if not tag else f"backup-{tag}"
+    backup = BackupFolder(ctx.run_dir / name)
     resume = Resume(backup, bool(params.resume and not ctx.smoke))
-    if resume.enabled:
-        if ctx.restart:
-            aside = backup.set_aside("restarted")
-            if aside is not None:
-                print(f"train: --restart: the earlier backup is kept aside in {aside}")
-        resume.snapshot = backup.load(params.epochs, older=ctx.resume_older)
+    if not resume.enabled:
+        return resume
+    worker = multi_worker.worker_of(getattr(ctx, "strategy", None))
+    if worker is not None:
+        return _open_shared_backup(ctx, params, resume, name, worker)
+    _load_snapshot(ctx, params, resume)
+    return resume
+
+
+def _load_snapshot(ctx: Any, params: Any, resume: Resume) -> None:
+    if ctx.restart:
+        aside = resume.backup.set_aside("restarted")
+        if aside is not None:
+            print(f"train: --restart: the earlier backup is kept aside in {aside}")
+    resume.snapshot = resume.backup.load(params.epochs, older=ctx.resume_older)
+
+
+def _open_shared_backup(ctx: Any, params: Any, resume: Resume, name: str,
+                        worker: tuple[int, int]) -> Resume:
+    """:func:`open_backup` on a worker of a multi-worker cluster (see there)."""
+    number, size = worker
+    if number == 0:
+        try:
+            _load_snapshot(ctx, params, resume)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the others must not wait for it
+                multi_worker.chief_value(ctx.strategy, -1)
+            raise
+        seq = int(resume.snapshot.folder.name.split("-")[1]) if resume.snapshot else 0
+        multi_worker.chief_value(ctx.strategy, seq)
+        return resume
+    seq = multi_worker.chief_value(ctx.strategy, 0)
+    if seq < 0:
+        raise DlpipeError(f"worker {number} of {size}: the chief could not open the resume "
+                          "backup (see its error); stopping too")
+    resume.backup = ScratchBackup(ctx.run_dir / name)
+    if seq > 0:
+        assert ctx.chief_run_dir is not None, "the engine sets it on every other worker"
+        shared = BackupFolder(ctx.chief_run_dir / name)
+        folder = shared.folder / f"ckpt-{seq:06d}"
+        try:
+            resume.snapshot = shared.verify(folder, params.epochs)
+        except (ValueError, OSError) as exc:
+            raise DlpipeError(
+                f"worker {number} of {size}: cannot read the chief's resume snapshot "
+                f"{folder} ({exc}). Every worker resumes from the chief's backup, so the "
+                "run folder (DLPIPE_HOME) must be on storage all workers share."
+            ) from None
     return resume
 
 
