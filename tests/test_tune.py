@@ -184,7 +184,7 @@ space:
   train.optimizer.learning_rate: {type: categorical, choices: [0.005, 1.0e-9]}
 objective: {metric: val_loss}
 sampler: random
-seed: 2   # draws good, good, good, bad, good
+seed: 48  # draws good, good, good, bad, good (each trial seeded from it and its number)
 pruner: median
 startup_trials: 1
 warmup_epochs: 0

@@ -35,6 +35,17 @@ CONNECT_TIMEOUT_S = 15.0
 LOCAL_CONNECT_TIMEOUT_S = 120.0
 
 
+
+def artifact_root_for(uri: str, artifact_location: str | None) -> str | None:
+    """Where a new experiment's artifacts go: ``tracking.artifact_location`` when set;
+    else ``None`` on a tracking server, which keeps them where it was told to
+    (``--artifacts-destination``); else dlpipe's folder beside a local store."""
+    if artifact_location:
+        return artifact_location
+    if uri.startswith(("http://", "https://")):
+        return None
+    return str(paths.default_artifact_root())
+
 class Tracker:
     """One tracked run (``context.extras['mlflow']``): a top-level run owns the
     sidecar; a nested run (a tuning trial) shares its parent's."""
@@ -62,7 +73,7 @@ class Tracker:
         if self.attached:
             self.sidecar.send("attach", self.key, settings.attach_run_id)
             return
-        artifact_root = settings.artifact_location or str(paths.default_artifact_root())
+        artifact_root = artifact_root_for(self.uri, settings.artifact_location)
         resume_id = self._unfinished_run() if parent is None else None
         if parent is None:
             self.sidecar.announce[self.key] = self._announce

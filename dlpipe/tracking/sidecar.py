@@ -99,11 +99,16 @@ def serve(uri: str, requests: Any, replies: Any) -> None:
                 found.search_experiments(max_results=1)
         return found
 
-    def experiment_id(name: str, artifact_location: str) -> str:
+    def experiment_id(name: str, artifact_location: str | None) -> str:
         found = client.get_experiment_by_name(name)
         if found is not None:
             return str(found.experiment_id)
-        location = (Path(artifact_location).resolve() / name).as_uri()
+        if artifact_location is None:  # the server's own artifact store
+            location = None
+        elif "://" in artifact_location:  # s3://..., mlflow-artifacts:/..., file://...
+            location = f"{artifact_location.rstrip('/')}/{name}"
+        else:
+            location = (Path(artifact_location).resolve() / name).as_uri()
         try:
             return str(client.create_experiment(name, artifact_location=location))
         except Exception:  # another process created it first

@@ -17,10 +17,12 @@ How one ``dlpipe run`` of a spec with a tune stage goes:
 
 Several processes may share a study: ``--workers N`` starts N-1 more
 (:mod:`~dlpipe.stages.tune.workers`), and separate ``dlpipe run`` commands on the same
-spec and storage join it. Trials are counted under a lock
-(:mod:`~dlpipe.stages.tune.lock`), so together they run exactly ``n_trials``. A worker
-that dies stops sending heartbeats; another worker then marks its trial failed and runs
-it again.
+spec and storage join it, on this machine or, with a PostgreSQL storage, on others.
+Trials are counted under a lock that lives in the study's database
+(:mod:`~dlpipe.stages.tune.lock`), so together they run exactly ``n_trials``. Each
+trial's sampler is seeded from the seed and the trial's number, so no two processes
+draw the same trials. A worker that dies stops sending heartbeats; another worker then
+marks its trial failed and runs it again.
 """
 
 from __future__ import annotations

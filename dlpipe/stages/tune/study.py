@@ -12,11 +12,11 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from dlpipe import paths
 from dlpipe.engine import run_nested, run_stage
@@ -60,29 +60,54 @@ def study_name(spec: ResolvedSpec, stage: ResolvedStage) -> str:
     return f"{slug}-{digest[:10]}"
 
 
-def make_storage(url: str, params: TuneParams) -> Any:
-    engine_kwargs: dict[str, Any] = {}
+#: Connections each process keeps open to a server database (PostgreSQL, MySQL): the
+#: trial loop and the heartbeat thread use one each, the rest is headroom. Optuna's
+#: default (SQLAlchemy's 5 + 10) would let 10 workers hold 150 connections; the study
+#: lock (:mod:`~dlpipe.stages.tune.lock`) holds one more of its own.
+POOL_SIZE = 2
+POOL_OVERFLOW = 2
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy settings for the study's storage: a long busy timeout for SQLite; a
+    small pool for a server database, checked before use (a server restart or an idle
+    timeout must not fail a trial) and renewed every half hour."""
     if url.startswith("sqlite:"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW, "pool_pre_ping": True,
+            "pool_recycle": 1800}
+
+
+def make_storage(url: str, params: TuneParams) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeats are marked experimental
-        callback = (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=params.max_retries)
         kwargs: dict[str, Any] = {
             "heartbeat_interval": params.heartbeat_interval,
             "grace_period": params.grace_period or 3 * params.heartbeat_interval,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=params.max_retries),
         }
-        if retry is not None:
-            kwargs["heartbeat_stale_trial_callback"] = callback
-        else:
-            kwargs["failed_trial_callback"] = callback
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-        except Exception as exc:
-            raise DlpipeError(
-                f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: {exc}\n"
-                f"    set tune params.storage or ${STORAGE_ENV} to a reachable database URL"
-            ) from None
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+            except ImportError as exc:
+                raise DlpipeError(
+                    f"cannot open the Optuna storage {hide_password(url)!r}: {exc.__cause__ or exc}\n"
+                    "    for PostgreSQL: pip install 'dlpipe[postgres]'"
+                ) from None
+            except Exception as exc:
+                # Processes that open a new database at once may race to create its
+                # tables; the loser finds them on the next try.
+                text = str(exc).lower()
+                if attempt < 2 and ("already exists" in text or "duplicate key" in text):
+                    time.sleep(0.5 + attempt)
+                    continue
+                raise DlpipeError(
+                    f"cannot open the Optuna storage {hide_password(url)!r}: "
+                    f"{type(exc).__name__}: {exc}\n"
+                    f"    set tune params.storage or ${STORAGE_ENV} to a reachable database URL"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def name_metrics(study: optuna.Study, names: list[str]) -> None:
@@ -97,6 +122,16 @@ def name_metrics(study: optuna.Study, names: list[str]) -> None:
 
 
 def make_sampler(params: TuneParams, seed: int) -> Any:
+    """The study's sampler: a new one of the configured kind for each trial, seeded from
+    ``seed`` and the trial's number (see :class:`TrialSeeded`). The grid sampler is
+    the exception: its seed shuffles the grid, which every process must share, and it
+    gives trial ``n`` grid point ``n``, so processes already take distinct points."""
+    if params.sampler == "grid":
+        return sampler_of(params, seed)
+    return TrialSeeded(lambda s: sampler_of(params, s), seed)
+
+
+def sampler_of(params: TuneParams, seed: int) -> Any:
     samplers = optuna.samplers
     multi = len(params.objectives) > 1
     name = params.sampler or ("nsga2" if multi else "tpe")
@@ -118,6 +153,56 @@ def make_sampler(params: TuneParams, seed: int) -> Any:
             space = {path: [encode(v) for v in dist.grid() or []] for path, dist in params.space.items()}
             return samplers.GridSampler(space, seed=seed)
         return samplers.NSGAIISampler(seed=seed)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` in a study seeded with ``seed``."""
+    digest = hashlib.sha256(f"dlpipe.tune:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """A fresh sampler for each trial, seeded from the study's seed and the trial's
+    number.
+
+    The storage hands out each trial number once, so every trial draws from a stream
+    of its own, whichever process runs it and however many processes started with the
+    same seed; one process on a new study draws the same trials from the same seed.
+    TPE, random, CMA-ES and NSGA-II keep their state in the storage (the trials,
+    CMA-ES's system attrs), not in the object, so a new one per trial samples as the old
+    one would; only its random numbers differ.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self.make = make
+        self.seed = seed
+        self.inner = make(seed)
+
+    def __str__(self) -> str:
+        return f"{type(self.inner).__name__} (seeded per trial from {self.seed})"
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner = self.make(trial_seed(self.seed, trial.number))
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: Any) -> Any:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
 
 
 def make_pruner(params: TuneParams) -> Any:
@@ -178,11 +263,12 @@ class Study:
         self.worker = worker_number()
         self.url = storage_url(params)
         self.name = study_name(self.spec, self.stage)
-        self.lock = StudyLock(self.url)
-        self.storage = make_storage(self.url, params)
+        self.lock = StudyLock(self.url, self.name)
         self.multi = len(params.objectives) > 1
         directions = [o.direction for o in params.objectives]
-        with self.locked():  # two processes must not create the study at once
+        # Two processes must not create the tables or the study at once.
+        with self.locked():
+            self.storage = make_storage(self.url, params)
             existing = optuna.study.get_all_study_names(self.storage)
             self.study = optuna.create_study(
                 study_name=self.name, storage=self.storage, load_if_exists=True,
@@ -194,9 +280,10 @@ class Study:
             name_metrics(self.study, [o.metric for o in params.objectives])
             trials = self.study.get_trials(deepcopy=False)
             self.target, self.joined = self._round(tally(trials))
-        seed = params.seed if params.seed is not None else self.spec.settings.seed
-        # Distinct seeds per worker and per session: no two draw the same random trials.
-        self.study.sampler = make_sampler(params, seed + 1009 * self.worker + len(trials))
+        # Each trial's sampler is seeded from this and the trial's number, which the
+        # storage hands out once: processes never draw the same trials.
+        self.seed = params.seed if params.seed is not None else self.spec.settings.seed
+        self.study.sampler = make_sampler(params, self.seed)
         self.prefix = self._data_prefix()
         self.trial_dir = paths.home() / "studies" / self.name
         self.started = time.monotonic()
@@ -258,6 +345,15 @@ class Study:
         print(f"tune{tag}: {what} {self.name!r} in {hide_password(self.url)}; {plan}", flush=True)
         if not self.worker:
             print(f"tune: watch it live with {dashboard_hint(self.url)}", flush=True)
+            if self.lock.scope != "database":
+                print("tune: this storage has no database lock: processes on other machines "
+                      "may add a trial or two beyond the budget (use PostgreSQL)", flush=True)
+        try:
+            self._run()
+        finally:
+            self.lock.close()
+
+    def _run(self) -> None:
         for stage in self.prefix:
             run_stage(self.ctx, stage)
         self.ctx.stage = self.stage
