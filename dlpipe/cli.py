@@ -28,6 +28,7 @@ EPILOG = """examples:
   dlpipe compare 38adba6d 9f1e22aa                   params, metrics and curves side by side
   dlpipe predict 38adba6d data.csv -o out.csv        use a trained model
   dlpipe serve 38adba6d                              serve it over HTTP (MLflow scoring)
+  dlpipe convert data/photos data/photos_tfr         images as sharded TFRecords (tfrecord stage)
 
 Runs are tracked in sqlite:///mlruns/mlflow.db unless MLFLOW_TRACKING_URI or the
 spec's tracking.uri says otherwise; runs, compare, predict, serve and ui read the same
@@ -107,6 +108,18 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     _add_plugin_options(p)
 
 
+CONVERT_EPILOG = """examples:
+  dlpipe convert data/photos data/photos_tfr                  keep the files' bytes, 10+ shards
+  dlpipe convert data/photos data/photos_tfr --image-size 64 64 --shards 32
+  dlpipe convert images.npz data/images_tfr --val-fraction 0.1 --test-fraction 0.1
+
+Then read them with a data stage:
+  - kind: data
+    use: tfrecord
+    params: {files: data/photos_tfr/*.tfrecord, image_size: [64, 64]}
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlpipe",
@@ -153,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="tune stage: run trials in N processes sharing the study (sets <tune>.workers)",
+    )
+    p.add_argument(
+        "--local-workers",
+        type=int,
+        metavar="N",
+        help="strategy multi_worker: run the spec as N worker processes on this host "
+        "(127.0.0.1, free ports, each with its TF_CONFIG; worker 0 is the chief), "
+        "relay their labelled output and fail if any of them fails",
     )
 
     p = sub.add_parser("validate", parents=[common], help="check a spec without running it", description="Check a spec: structure, every use: resolves, every plugin's params validate. Does not import TensorFlow.")
@@ -206,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5001, help="port (default 5001)")
     _add_store_option(p, "store the model's run is in")
+
+    p = looking_back("convert", "write images as sharded TFRecord files for the tfrecord "
+                     "data stage", CONVERT_EPILOG)
+    p.add_argument("source", metavar="SOURCE",
+                   help="a folder of class sub-folders of images, or an .npz of images")
+    p.add_argument("output", metavar="OUTPUT", help="folder for the shards and manifest.json")
+    p.add_argument("--shards", type=int, metavar="N",
+                   help="number of files (default: ~128 MB each, at least 10)")
+    p.add_argument("--format", choices=("encoded", "raw"), dest="image_format",
+                   help="encoded: the image files' bytes (default for folders); raw: decoded "
+                   "pixels (default for .npz and with --image-size)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="resize to H x W while converting (raw)")
+    p.add_argument("--color-mode", choices=("rgb", "grayscale"), default="rgb")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="write a validation split as its own shards (default: none)")
+    p.add_argument("--test-fraction", type=float, default=0.0, metavar="F",
+                   help="write a test split as its own shards (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle and split seed (default 0)")
+    p.add_argument("--x-key", default="x", help=".npz: the images' array (default x)")
+    p.add_argument("--y-key", default="y", help=".npz: the labels' array (default y)")
     return parser
 
 
@@ -271,6 +313,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec, host = _load(args)
+    if getattr(args, "local_workers", None) is not None:
+        from dlpipe.strategies import launch
+
+        if not launch.is_local_worker():  # the launcher; each worker runs the spec
+            launch.check_spec(spec, args.local_workers)
+            return launch.launch(getattr(args, "argv", sys.argv[1:]), args.local_workers)
     if args.no_track:
         spec.settings.tracking.enabled = False
     import signal
@@ -317,6 +365,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 "hooks": info.hooks,
                 "stages": stages,
                 "models": models,
+                # register_models(xla=...): whether each model trains under jit_compile
+                "xla": {n: reg.models[n].xla for n in models},
                 "strategies": strategies,
             }
         )
@@ -327,9 +377,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         version = f" {row['version']}" if row["version"] else ""
         print(f"{row['name']}{version}  [{row['source']}: {row['origin']}]")
         print(f"  hooks:      {', '.join(row['hooks'])}")
-        for key in ("stages", "models", "strategies"):
-            if row[key]:
-                print(f"  {key + ':':<11} {', '.join(row[key])}")
+        shown = {
+            "stages": row["stages"],
+            "models": [n if row["xla"][n] else f"{n} (no XLA)" for n in row["models"]],
+            "strategies": row["strategies"],
+        }
+        for key, names in shown.items():
+            if names:
+                print(f"  {key + ':':<11} {', '.join(names)}")
     return 0
 
 
@@ -413,6 +468,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dlpipe.convert import convert
+
+    convert(
+        args.source, args.output, shards=args.shards, image_format=args.image_format,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        color_mode=args.color_mode, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, x_key=args.x_key, y_key=args.y_key,
+    )
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -423,6 +490,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "predict": cmd_predict,
     "serve": cmd_serve,
+    "convert": cmd_convert,
 }
 
 
@@ -436,6 +504,7 @@ def _quiet_broken_pipe() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --local-workers
     if not args.command:
         parser.print_help()
         return 0

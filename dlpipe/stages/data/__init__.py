@@ -1,5 +1,5 @@
 """Built-in data stages: embedded scikit-learn data, local files (arrays, CSV tables,
-folders of images or text), keras.datasets, the XOR problem.
+folders of images or text, TFRecord shards), keras.datasets, the XOR problem.
 
 This module declares the parameters and registers ``"module:function"`` strings; the
 stage functions are in the package's modules, so importing it loads neither Keras nor
@@ -71,10 +71,127 @@ class NpzParams(ImageParams):
     )
 
 
-class ImageDirectoryParams(ImageParams):
+class StreamingParams(Params):
+    """Shared by the data stages that can leave images on disk (streamed): how they are
+    normalized without reading them all, and how many of them reports hold."""
+
+    stats_sample: int = Field(
+        512, ge=1,
+        description="Streamed data: normalization statistics (the training split's range, "
+        "mean and std) come from this many training images, drawn with the seed, unless "
+        "mean/std and input_range give them.",
+    )
+    mean: float | None = Field(
+        None, description="Streamed data: the mean pixel value for normalize: standard "
+        "(give std with it); skips measuring it.",
+    )
+    std: float | None = Field(
+        None, gt=0, description="Streamed data: the pixel std for normalize: standard.",
+    )
+    input_range: tuple[float, float] | None = Field(
+        None, description="The raw values' range, e.g. [0, 255]: minmax scales it to "
+        "value_range without measuring the data (in memory too).",
+    )
+    max_report_examples: int = Field(
+        1000, ge=1,
+        description="Streamed data: reports, figures and sample grids read the first N "
+        "examples of a split into memory; metrics use the whole split.",
+    )
+
+    @model_validator(mode="after")
+    def _statistics(self) -> StreamingParams:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give mean and std together")
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise ValueError("input_range must be [low, high] with low < high")
+        return self
+
+
+class ImageDirectoryParams(ImageParams, StreamingParams):
     path: str = Field(description="A folder with one sub-folder of images per class.")
     image_size: tuple[int, int] | None = Field((64, 64), description="Resize to [h, w].")
     color_mode: Literal["grayscale", "rgb"] = "rgb"
+    stream: Literal["auto"] | bool = Field(
+        "auto",
+        description="true: decode images from the files as batches are made (data larger "
+        "than memory); false: decode all of them into memory first; auto: stream when the "
+        "decoded images would take more than max_in_memory_mb.",
+    )
+    max_in_memory_mb: float = Field(
+        2048, gt=0,
+        description="stream: auto streams above this size of the decoded float32 images.",
+    )
+
+
+class TfrecordFeatures(Params):
+    """How images and labels are stored in each tf.train.Example record."""
+
+    image: str = Field("image", description="Feature (bytes) holding the image.")
+    label: str | None = Field("label", description="Int64 feature holding the class (null: none).")
+    format: Literal["encoded", "raw"] = Field(
+        "encoded",
+        description="encoded: PNG/JPEG/BMP/GIF bytes; raw: pixel bytes of dtype in shape.",
+    )
+    shape: tuple[int, int, int] | None = Field(
+        None, description="raw: the stored [height, width, channels]."
+    )
+    dtype: Literal["uint8", "float32"] = Field("uint8", description="raw: the pixel type.")
+
+    @model_validator(mode="after")
+    def _raw_shape(self) -> TfrecordFeatures:
+        if self.format == "raw" and self.shape is None:
+            raise ValueError("format: raw needs the stored shape [height, width, channels]")
+        return self
+
+
+class TfrecordParams(FractionParams, StreamingParams):
+    """Sharded TFRecord files of images, streamed (``dlpipe convert`` writes them)."""
+
+    files: str | list[str] | None = Field(
+        None,
+        description="Glob(s) of the TFRecord files, e.g. data/pets/*.tfrecord. A relative "
+        "pattern is looked up in the working directory, then next to the spec file.",
+    )
+    splits: dict[Literal["train", "val", "test"], str | list[str]] | None = Field(
+        None,
+        description="Files of each split, as globs ({train: ..., val: ..., test: ...}). "
+        "Default: the splits dlpipe convert recorded, else whole files cut by val_fraction "
+        "and test_fraction with the seed.",
+    )
+    features: TfrecordFeatures | None = Field(
+        None, description="The record layout. Default: from the manifest.json that dlpipe "
+        "convert writes next to the files, else encoded images under image/label.",
+    )
+    class_names: list[str] | None = Field(
+        None, description="Class names by label. Default: the manifest's, else 0..N-1."
+    )
+    image_size: tuple[int, int] | None = Field(
+        None, description="Resize to [h, w]. Default: the size of the first image."
+    )
+    color_mode: Literal["grayscale", "rgb"] | None = Field(
+        None, description="Encoded images: rgb or grayscale. Default: the manifest's, else rgb."
+    )
+    normalize: Literal["none", "minmax", "standard"] = Field(
+        "minmax",
+        description="minmax scales to value_range with the training split's range; standard "
+        "uses its mean and std (measured on stats_sample images unless given).",
+    )
+    value_range: tuple[float, float] = Field(
+        (0.0, 1.0), description="Target range for minmax, e.g. [0, 1] or [-1, 1]."
+    )
+    shuffle_buffer: int = Field(
+        2048, ge=1,
+        description="Training records are shuffled in windows of this many (after the "
+        "per-epoch file order); memory grows with it, not with the data.",
+    )
+
+    @model_validator(mode="after")
+    def _files(self) -> TfrecordParams:
+        if (self.files is None) == (self.splits is None):
+            raise ValueError("give files (a glob) or splits ({train: glob, ...}), not both")
+        if self.splits is not None and "train" not in self.splits:
+            raise ValueError("splits needs a train entry")
+        return self
 
 
 class KerasDatasetParams(ImageParams):
@@ -167,7 +284,9 @@ def register_stages(register):
              "Embedded iris table from scikit-learn (no network).")
     register("data", "npz", "dlpipe.stages.data.files:npz", NpzParams, "Arrays from a local .npz file.")
     register("data", "image_directory", "dlpipe.stages.data.files:image_directory", ImageDirectoryParams,
-             "A folder of class sub-folders of images.")
+             "A folder of class sub-folders of images (streamed from the files when large).")
+    register("data", "tfrecord", "dlpipe.stages.data.tfrecord:tfrecord", TfrecordParams,
+             "Sharded TFRecord files of images (dlpipe convert writes them), streamed.")
     register("data", "keras_dataset", "dlpipe.stages.data.keras_datasets:keras_dataset", KerasDatasetParams,
              "mnist, fashion_mnist or cifar10 via keras.datasets (network or cache).")
     register("data", "xor", "dlpipe.stages.data.xor:xor", XorParams,

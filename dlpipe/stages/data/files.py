@@ -1,6 +1,8 @@
 """The data stages of local files: ``npz`` (arrays) and ``image_directory`` (a folder
 of class sub-folders of images), and :func:`resolve_input`, which finds the file or
-folder a spec names. Both stages check the arrays as read, before converting them."""
+folder a spec names. Both stages check the arrays as read, before converting them.
+``image_directory`` leaves large folders on disk (``stream``; see
+:mod:`dlpipe.stages.data.streaming`)."""
 
 from __future__ import annotations
 
@@ -86,6 +88,11 @@ def image_directory(ctx: Any, params: Any) -> None:
         raise DlpipeError(f"no images found in {root}{hint}; {layout}")
     if empty:
         print(f"data: image_directory ignores empty class folder(s): {', '.join(empty)}")
+    if _streams(params, files_by_class):
+        from dlpipe.stages.data.streaming import stream_image_files
+
+        stream_image_files(ctx, params, root, files_by_class)
+        return
 
     mode = "L" if params.color_mode == "grayscale" else "RGB"
     images: list[np.ndarray] = []
@@ -107,6 +114,33 @@ def image_directory(ctx: Any, params: Any) -> None:
     # Images are already at image_size; don't resize them a second time.
     finish(ctx, params, root.name, x, y, "classification", list(files_by_class), resize=False,
             source=str(root))
+
+
+def _streams(params: Any, files_by_class: dict[str, list[Path]]) -> bool:
+    """Whether ``image_directory`` leaves the images on disk: ``stream`` true, or
+    ``auto`` and the decoded float32 images would take more than ``max_in_memory_mb``
+    (estimated from the file count and ``image_size``, or the first image's size)."""
+    if params.stream != "auto":
+        if params.stream:
+            print("data: image_directory streams the images from the files (stream: true)")
+        return bool(params.stream)
+    count = sum(len(files) for files in files_by_class.values())
+    if params.limit is not None:
+        count = min(count, params.limit)
+    if params.image_size is not None:
+        height, width = params.image_size
+    else:
+        from dlpipe.stages.data.streaming import image_size_of
+
+        height, width = image_size_of(next(iter(files_by_class.values()))[0])
+    channels = 1 if params.color_mode == "grayscale" else 3
+    megabytes = count * height * width * channels * 4 / 2**20
+    if megabytes <= params.max_in_memory_mb:
+        return False
+    print(f"data: image_directory: {count} images of {height}x{width}x{channels} take "
+          f"{megabytes:,.0f} MB as float32, more than max_in_memory_mb "
+          f"({params.max_in_memory_mb:g}); streaming them from the files")
+    return True
 
 
 def resolve_input(ctx: Any, path: str, what: str) -> Path:

@@ -57,7 +57,8 @@ def finish(
     xs = {s: x[idx] for s, idx in parts.items()}
     ys = {s: None if y is None else y[idx] for s, idx in parts.items()}
     ws = {s: None if weights is None else weights[idx] for s, idx in parts.items()}
-    xs, value_range = normalize(xs, params.normalize, tuple(params.value_range), image=image)
+    xs, value_range = normalize(xs, params.normalize, tuple(params.value_range), image=image,
+                                given=given_statistics(params))
 
     num_classes = len(class_names) if task == "classification" else None
     bundle = DataBundle(
@@ -71,6 +72,17 @@ def finish(
         weights=ws if weights is not None else {},
     )
     return publish(ctx, bundle)
+
+
+def given_statistics(params: Any) -> dict[str, float]:
+    """Normalization statistics the spec gives (the params of streaming-capable stages):
+    ``input_range`` as ``low``/``high``, and ``mean``/``std``."""
+    given: dict[str, float] = {}
+    if getattr(params, "input_range", None) is not None:
+        given["low"], given["high"] = (float(v) for v in params.input_range)
+    if getattr(params, "mean", None) is not None and getattr(params, "std", None) is not None:
+        given["mean"], given["std"] = float(params.mean), float(params.std)
+    return given
 
 
 def publish(ctx: Any, bundle: DataBundle) -> DataBundle:

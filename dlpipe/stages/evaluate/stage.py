@@ -7,7 +7,12 @@ from typing import Any
 import numpy as np
 
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure
-from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs, print_metrics
+from dlpipe.stages.reports.common import (
+    compiled_metrics,
+    evaluation_inputs,
+    print_metrics,
+    split_predictions,
+)
 
 
 def keras_evaluate(ctx: Any, params: Any) -> None:
@@ -24,9 +29,9 @@ def keras_evaluate(ctx: Any, params: Any) -> None:
     entry = ctx.model_entry()
     task = entry.task if entry else data.task
     if task == "classification" and data.y.get(split) is not None:
-        probs = model.predict(data.dataset(split, params.batch_size), verbose=0)
-        predicted = np.argmax(probs, axis=-1)
-        fig = confusion_matrix_figure(data.y[split], predicted, data.class_names)
+        labels, outputs = split_predictions(model, data, split, params.batch_size)
+        predicted = np.argmax(outputs, axis=-1)
+        fig = confusion_matrix_figure(labels, predicted, data.class_names)
         ctx.log_figure(fig, "confusion_matrix.png")
     plotter = entry.plotter() if entry else None
     if plotter is not None:

@@ -26,7 +26,11 @@ from typing import Any
 import numpy as np
 
 from dlpipe.plotting import confusion_matrix_figure, learning_curves_figure, plt
-from dlpipe.stages.reports.common import compiled_metrics, evaluation_inputs
+from dlpipe.stages.reports.common import (
+    compiled_metrics,
+    evaluation_inputs,
+    split_predictions,
+)
 
 
 def class_probabilities(outputs: Any) -> np.ndarray:
@@ -201,18 +205,14 @@ def pr_figure(y: np.ndarray, score: np.ndarray, positive: str) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return class_probabilities(model.predict(x, batch_size=batch_size, verbose=0))
-
-
 def classifier_report(ctx: Any, params: Any) -> None:
     split = params.split
     model, data, stage = evaluation_inputs(ctx, split, "classifier_report", targets="labels")
 
-    x = np.asarray(data.x[split])
-    y = np.asarray(data.y[split]).reshape(-1).astype(int)
     metrics = compiled_metrics(model, data, split, params.batch_size)
-    probs = _predict(model, x, params.batch_size)
+    labels, outputs = split_predictions(model, data, split, params.batch_size)
+    y = labels.reshape(-1).astype(int)
+    probs = class_probabilities(outputs)
     metrics.update(classification_metrics(y, probs, split, params.per_class))
     ctx.log_metrics(metrics)
 
@@ -232,8 +232,11 @@ def classifier_report(ctx: Any, params: Any) -> None:
     if params.worst > 0:
         low, high = getattr(data, "value_range", (0.0, 1.0))
         texts = getattr(data, "texts", {}).get(split)
+        # Every example in memory; the first max_report_examples of streamed data.
+        x = np.asarray(data.x[split])
         fig = misclassified_figure(
-            x, y, probs, names, params.worst, (float(low), float(high)), texts=texts
+            x, y[: len(x)], probs[: len(x)], names, params.worst, (float(low), float(high)),
+            texts=texts,
         )
         ctx.log_figure(fig, "misclassified.png")
     if probs.shape[1] == 2 and len(np.unique(y)) == 2:

@@ -1,5 +1,6 @@
 """What the evaluate stages share: the checks every report starts with, the model's
-compiled metrics on a split, the printed summary, and metric-safe class names."""
+compiled metrics and predictions on a split (both over ``data.dataset``, so streamed
+data counts in full), the printed summary, and metric-safe class names."""
 
 from __future__ import annotations
 
@@ -57,6 +58,26 @@ def compiled_metrics(model: Any, data: Any, split: str, batch_size: int) -> dict
     """The model's compiled loss and metrics on ``split``, as ``{split}_{name}``."""
     results = model.evaluate(data.dataset(split, batch_size), return_dict=True, verbose=0)
     return {f"{split}_{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+
+
+def split_predictions(model: Any, data: Any, split: str, batch_size: int) -> tuple[np.ndarray, Any]:
+    """The labels of the whole of ``split`` and the model's raw outputs on it (a list
+    for several outputs), in one pass over ``data.dataset``, so that streamed data is
+    read in full, batch by batch."""
+    labels: list[np.ndarray] = []
+    outputs: list[Any] = []
+    for batch in data.dataset(split, batch_size):
+        labels.append(np.asarray(batch[1]))
+        # predict, not predict_on_batch: under a strategy with several replicas
+        # predict_on_batch hands every replica the whole batch.
+        outputs.append(model.predict(batch[0], batch_size=len(batch[1]), verbose=0))
+    first = outputs[0]
+    if isinstance(first, (list, tuple)):
+        joined: Any = [np.concatenate([np.asarray(o[k]) for o in outputs])
+                       for k in range(len(first))]
+    else:
+        joined = np.concatenate([np.asarray(o) for o in outputs])
+    return np.concatenate(labels), joined
 
 
 def print_metrics(title: str, metrics: Mapping[str, float]) -> None:
