@@ -330,6 +330,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # `kill` behaves like Ctrl+C: the MLflow run is closed as KILLED, checkpoints stay.
     signal.signal(signal.SIGTERM, terminate)
+    # A process started with SIGINT ignored (a background job of a script, a parent that
+    # ignores it) would otherwise not stop on `kill -INT` at all.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"dlpipe: running {spec.name} ({len(spec.stages)} stages) from {args.spec}")
     ctx = run_pipeline(
         spec, host, smoke=args.smoke, restart=args.restart, resume_older=args.resume_older
