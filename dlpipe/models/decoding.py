@@ -229,6 +229,20 @@ def check_sequence_data(name: str, data: DataBundle) -> None:
         )
 
 
+
+def sequence_sizes(name: str, data: Any) -> dict[str, int]:
+    """The vocabulary sizes and lengths an encoder-decoder is built for, from a checked
+    sequence bundle (:func:`check_sequence_data`)."""
+    check_sequence_data(name, data)
+    targets = data.y["train"]
+    assert targets is not None  # a sequence bundle has targets in every split
+    return {
+        "source_vocab_size": data.source_vocab.size,
+        "target_vocab_size": data.target_vocab.size,
+        "source_length": int(data.x["train"].shape[1]),
+        "target_length": int(targets.shape[1]),
+    }
+
 # --------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------

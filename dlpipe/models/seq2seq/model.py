@@ -28,7 +28,7 @@ from keras import layers, ops
 
 from dlpipe.errors import DlpipeError
 from dlpipe.models.attention import AdditiveAttention, DotProductAttention
-from dlpipe.models.decoding import PAD_ID, EncoderDecoder, check_sequence_data
+from dlpipe.models.decoding import PAD_ID, EncoderDecoder, sequence_sizes
 from dlpipe.models.decoding import plots as attention_plots
 from dlpipe.models.seq2seq import Seq2SeqParams
 
@@ -125,15 +125,8 @@ class Seq2Seq(EncoderDecoder):
 def build(params: Seq2SeqParams, data: SeqBundle) -> Seq2Seq:
     """The registered builder: a built, uncompiled :class:`Seq2Seq` for ``data``'s
     vocabularies and lengths."""
-    check_sequence_data("seq2seq", data)
-    assert data.source_vocab is not None and data.target_vocab is not None  # checked above
-    targets = data.y["train"]
-    assert targets is not None  # a sequence bundle has targets in every split
     model = Seq2Seq(
-        source_vocab_size=data.source_vocab.size,
-        target_vocab_size=data.target_vocab.size,
-        source_length=int(data.x["train"].shape[1]),
-        target_length=int(targets.shape[1]),
+        **sequence_sizes("seq2seq", data),
         cell=params.cell,
         attention=params.attention,
         embedding_dim=params.embedding_dim,

@@ -30,7 +30,7 @@ from dlpipe.models.attention import (
     causal_mask,
     padding_mask,
 )
-from dlpipe.models.decoding import EncoderDecoder, check_sequence_data
+from dlpipe.models.decoding import EncoderDecoder, sequence_sizes
 from dlpipe.models.decoding import plots as attention_plots
 from dlpipe.models.transformer import TransformerParams
 
@@ -188,15 +188,8 @@ class Transformer(EncoderDecoder):
 
 def build(params: TransformerParams, data: SeqBundle) -> Transformer:
     """The registered builder: a built, uncompiled :class:`Transformer` for ``data``."""
-    check_sequence_data("transformer", data)
-    assert data.source_vocab is not None and data.target_vocab is not None  # checked above
-    targets = data.y["train"]
-    assert targets is not None  # a sequence bundle has targets in every split
     model = Transformer(
-        source_vocab_size=data.source_vocab.size,
-        target_vocab_size=data.target_vocab.size,
-        source_length=int(data.x["train"].shape[1]),
-        target_length=int(targets.shape[1]),
+        **sequence_sizes("transformer", data),
         d_model=params.d_model,
         num_heads=params.num_heads,
         ff_dim=params.ff_dim,
